@@ -1,0 +1,90 @@
+"""Command-line entry points. Hydra lives here and nowhere else: configs in, library calls out."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from scn import experiment
+from scn.errors import ConfigError, DataError, ScnError
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(f"\nscn: error: {message}\n", file=sys.stderr)
+    sys.exit(code)
+
+
+def _instantiate(cfg: DictConfig, key: str, **kwargs):
+    """Instantiate group `key`, turning Hydra's wrapped errors back into a one-line reason."""
+    try:
+        return instantiate(cfg[key], **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__ or exc
+        if isinstance(cause, ScnError):
+            raise cause from None
+        raise ConfigError(f"the {key} config is invalid: {cause}. Check the {key}.* keys "
+                          f"(python -m scn.cli --cfg job shows the composed config).") from None
+
+
+def build_experiment(cfg: DictConfig) -> experiment.Experiment:
+    """Validate the cheap groups first, so a typo fails before any data is read."""
+    trainer = _instantiate(cfg, "trainer")
+    scheme = _instantiate(cfg, "quant")
+    schedule = _instantiate(cfg, "size_loss")
+    if not isinstance(cfg.get("seed"), int):
+        raise ConfigError(f"seed={cfg.get('seed')!r} must be an integer.")
+    model = _instantiate(cfg, "model")
+    data = _instantiate(cfg, "dataset")
+    exp = experiment.Experiment(
+        data=data, model=model, scheme=scheme, schedule=schedule, trainer=trainer,
+        seed=cfg.seed, config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    exp.build_model()  # milliseconds; a bad model setting fails here, before training starts
+    return exp
+
+
+def _discard_empty_run_dir(run_dir: Path) -> None:
+    """Remove a run folder holding only what Hydra wrote before we failed: nothing half-done."""
+    if not run_dir.is_dir():
+        return
+    ours = [p for p in run_dir.iterdir() if p.name != ".hydra" and p.suffix != ".log"]
+    if not ours:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
+def train_main(cfg: DictConfig) -> float | None:
+    """scn-train: compose dataset, model, quant, size_loss and trainer; train; write the run."""
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    multirun = hc.mode.name == "MULTIRUN"
+    try:
+        exp = build_experiment(cfg)
+    except (ConfigError, DataError) as exc:
+        _discard_empty_run_dir(run_dir)
+        return fail(str(exc)) if not multirun else print(f"scn: error: {exc}", file=sys.stderr)
+    try:
+        summary = experiment.run(exp, run_dir)
+    except ScnError as exc:
+        message = f"{exc} (the run folder {run_dir} keeps what was finished.)"
+        if multirun:  # a sweep goes on with its other runs
+            print(f"scn: error: {message}", file=sys.stderr)
+            return None
+        return fail(message, code=1)
+    print(f"\nscn: finished: test accuracy {summary['test_accuracy']:.2f}% at "
+          f"{summary['bits_per_weight']:.3f} bits/weight ({summary['float_bits_pct']:.2f}% of "
+          f"float32), {summary['weights_left_pct']:.1f}% of weights left. Run folder: {run_dir}")
+    return summary["test_accuracy"]
+
+
+if __name__ == "__main__":
+    train_main()

@@ -1,0 +1,121 @@
+"""Models: a small CNN for 28x28 images and a CIFAR ResNet.
+
+Plain PyTorch modules with no scn-specific code: `scn.quantize_` converts them and
+`scn.surgery` traces which layer feeds which, so a user's own model works the same way.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def conv_bn(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
+    return [
+        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    ]
+
+
+class SmallCNN(nn.Sequential):
+    """Four 3x3 conv-BN-ReLU layers (two max-pools), flatten, one linear classifier.
+
+    Width w gives channels w, 2w, 2w, 4w. The flatten before the classifier is deliberate:
+    it exercises surgery's channel-to-feature-block mapping.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16,
+                 image_size: int = 28) -> None:
+        if width <= 0:
+            raise ValueError(f"model.width={width} must be a positive integer")
+        w = width
+        side = image_size // 4
+        super().__init__(
+            *conv_bn(in_channels, w),
+            *conv_bn(w, 2 * w),
+            nn.MaxPool2d(2),
+            *conv_bn(2 * w, 2 * w),
+            *conv_bn(2 * w, 4 * w),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(4 * w * side * side, num_classes),
+        )
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with a residual addition (He et al. 2016).
+
+    When the shape changes the shortcut is a 1x1 conv-BN (option B), so every channel of the
+    residual stream has a producer that surgery can shrink.
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = self.bn1(self.conv1(x)).relu()
+        out = self.bn2(self.conv2(out))
+        return (out + self.shortcut(x)).relu()
+
+
+class ResNet(nn.Module):
+    """CIFAR ResNet: a 3x3 stem, stages of basic blocks, global average pool, linear.
+
+    `blocks` gives the number of basic blocks per stage (ResNet-20: (3, 3, 3)); stage i has
+    width * 2^i channels and halves the resolution (except the first).
+    """
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 16,
+                 blocks: tuple[int, ...] | list[int] = (3, 3, 3), image_size: int = 32) -> None:
+        super().__init__()
+        if width <= 0:
+            raise ValueError(f"model.width={width} must be a positive integer")
+        if not blocks or min(blocks) <= 0:
+            raise ValueError(f"model.blocks={list(blocks)} must be a non-empty list of positive integers")
+        self.stem = nn.Sequential(*conv_bn(in_channels, width))
+        layers, c = [], width
+        for i, n in enumerate(blocks):
+            c_out = width * 2**i
+            for j in range(n):
+                layers.append(BasicBlock(c, c_out, stride=2 if (i > 0 and j == 0) else 1))
+                c = c_out
+        self.layers = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        x = self.layers(self.stem(x))
+        return self.head(self.pool(x).flatten(1))
+
+
+MODELS: dict[str, type[nn.Module]] = {"SmallCNN": SmallCNN, "ResNet": ResNet}
+
+
+def build(name: str, **kwargs) -> nn.Module:
+    """Build a registered model by name and remember how, so a checkpoint can rebuild it.
+
+    Only names in MODELS can be built: a checkpoint from a stranger names a class, it never
+    brings code.
+    """
+    from scn.errors import ConfigError
+
+    if name not in MODELS:
+        raise ConfigError(f"model.name={name!r} is not a known model; valid choices are "
+                          f"{', '.join(sorted(MODELS))}.")
+    try:
+        model = MODELS[name](**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"model {name} does not take these settings ({exc}); "
+                          f"check the model.* keys.") from exc
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    model.scn_spec = {"name": name, "kwargs": dict(kwargs)}
+    return model

@@ -1,0 +1,273 @@
+"""The quantizer: q(x, b, e) with a straight-through estimator, and the layers that use it.
+
+`quantize_(model, scheme)` converts every `nn.Conv2d` / `nn.Linear` of a model in place into
+`SCConv2d` / `SCLinear` (torchao-style: one call, the model keeps its structure). We convert
+modules rather than attach parametrizations because channel surgery must slice a layer's
+weight, bias, bit depths and exponents together; having them as plain attributes of one
+module keeps that slicing obvious.
+
+Every converted layer owns, per output channel, a real-valued bit depth `b` and exponent `e`.
+The forward pass uses integer versions of both (rounded with a straight-through estimator):
+
+    q(x, b, e) = 2^e * round(clamp(2^-e x, -2^(b-1), 2^(b-1) - 1))
+
+Rounding `e` makes the scale a power of two, which is what the file stores (a small integer).
+Rounding `b` (the default, `round_bits=True`) makes the values a channel can hold exactly the
+values of a `round(b)`-bit two's-complement code, so the size term the optimizer sees equals
+the size of the stored file, bit for bit. With `round_bits=False` the forward pass uses the
+real `b`, as in the paper; a channel then needs `ceil(b)` bits on disk.
+
+A channel whose integer bit depth is <= 0 outputs exactly zero weights. Its `b` then gets no
+gradient from either loss term, so death is final: this is what makes it safe to remove the
+channel physically (see `scn/surgery.py`); a warm-up of the size-loss weight keeps channels
+from dying before the weights have learned anything.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MAX_BITS = 16  # the file format stores bit depths 0..16
+
+# Straight-through rounding: forward rounds, backward passes the gradient unchanged.
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+def quantize(
+    w: torch.Tensor, bits: torch.Tensor, exponent: torch.Tensor, round_bits: bool = True
+) -> torch.Tensor:
+    """Quantize `w` per output channel (dim 0) with bit depths `bits` and exponents `exponent`.
+
+    `bits` and `exponent` are 1-D, one entry per output channel, real-valued; both are rounded
+    with a straight-through estimator (bits only when `round_bits`). Channels with bit depth
+    <= 0 come out as exact zeros.
+    """
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    b = round_ste(bits) if round_bits else bits
+    b = b.clamp(max=MAX_BITS).view(shape)
+    scale = torch.exp2(round_ste(exponent)).view(shape)
+    low = -torch.exp2(b - 1)
+    high = torch.exp2(b - 1) - 1
+    # minimum/maximum (not clamp) so that the bounds, and hence b, receive gradients.
+    codes = round_ste(torch.minimum(torch.maximum(w / scale, low), high))
+    q = codes * scale
+    return torch.where(b > 0, q, torch.zeros_like(q))
+
+
+def initial_exponent(w: torch.Tensor, bits: float) -> torch.Tensor:
+    """Per-channel exponent that makes the initial quantization at `bits` close to lossless.
+
+    The largest power-of-two step that still represents the channel's largest |w| without
+    clipping: e = ceil(log2(max|w| / (2^(bits-1) - 1))). A smaller e would clip the large
+    weights (accuracy collapses at step 0); a larger one would waste resolution. At 8 bits
+    the rounding error is then below 1/128 of the channel's range.
+    """
+    top = w.detach().abs().flatten(1).amax(dim=1).clamp(min=1e-12)
+    levels = max(2 ** (bits - 1) - 1, 0.5)
+    return torch.ceil(torch.log2(top / levels))
+
+
+@dataclass
+class Scheme:
+    """How a model's layers are quantized.
+
+    kind: "self_compress" learns b and e; "fixed" keeps b at `init_bits` and learns e (the
+    QAT baseline); "none" keeps float weights.
+    quantize_first / quantize_last: whether the model's first and last weight layers are
+    quantized too. Layers left in float still count in the reported size at 32 bits.
+    """
+
+    kind: Literal["self_compress", "fixed", "none"] = "self_compress"
+    init_bits: float = 8.0
+    round_bits: bool = True
+    quantize_first: bool = True
+    quantize_last: bool = True
+
+    def __post_init__(self) -> None:
+        from scn.errors import ConfigError
+
+        if self.kind not in ("self_compress", "fixed", "none"):
+            raise ConfigError(
+                f"quant.kind={self.kind!r} is not a quantization scheme; valid choices are "
+                "self_compress, fixed and none (pick one with quant=NAME)."
+            )
+        if self.kind != "none" and not (0 < self.init_bits <= MAX_BITS):
+            raise ConfigError(
+                f"quant.init_bits={self.init_bits} is out of range: a {self.kind} layer needs "
+                f"an initial bit depth in (0, {MAX_BITS}]. A channel at 0 bits is dead "
+                "from the start; set e.g. quant.init_bits=8."
+            )
+
+
+class SCLayer:
+    """What SCConv2d and SCLinear share: per-channel b and e, and folded dead inputs.
+
+    `b`, `e`: learnable, one per output channel (None for float layers).
+    `in_alive`: bool mask of input channels (features for a Linear) still fed by a live
+    producer. Dead inputs are multiplied by zero in the forward pass and not counted in the
+    size; physical surgery drops them instead.
+    `input_offset`: what the removed/masked inputs still contributed, folded exactly (their
+    value was an input-independent constant, e.g. a BatchNorm bias through a ReLU).
+    """
+
+    weight: nn.Parameter
+    b: nn.Parameter | None
+    e: nn.Parameter | None
+    in_alive: torch.Tensor
+    input_offset: torch.Tensor
+    round_bits: bool
+
+    def _init_quant(self, bits: float | None, learn_bits: bool, round_bits: bool) -> None:
+        out_channels = self.weight.shape[0]
+        self.round_bits = round_bits
+        if bits is None:
+            self.b = None
+            self.e = None
+        else:
+            b = torch.full((out_channels,), float(bits), device=self.weight.device)
+            self.b = nn.Parameter(b, requires_grad=learn_bits)
+            self.e = nn.Parameter(initial_exponent(self.weight, bits))
+        alive = torch.ones(self.weight.shape[1], dtype=torch.bool, device=self.weight.device)
+        self.register_buffer("in_alive", alive)
+        self.register_buffer("input_offset", torch.zeros(0, device=self.weight.device))
+
+    @property
+    def quantized(self) -> bool:
+        return self.b is not None
+
+    def int_bits(self) -> torch.Tensor:
+        """Bit depth each output channel is stored with (0 = dead); float layers give 32."""
+        if self.b is None:
+            return torch.full((self.weight.shape[0],), 32, dtype=torch.long, device=self.weight.device)
+        b = self.b.detach()
+        b = torch.round(b) if self.round_bits else torch.ceil(b)
+        return b.clamp(0, MAX_BITS).long()
+
+    def int_exponents(self) -> torch.Tensor:
+        assert self.e is not None
+        return torch.round(self.e.detach()).long()
+
+    def live_out(self) -> torch.Tensor:
+        """Bool per output channel: True unless its bit depth has reached 0."""
+        return self.int_bits() > 0
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the forward pass uses: quantized, with dead inputs zeroed."""
+        w = self.weight
+        if self.b is not None:
+            w = quantize(w, self.b, self.e, self.round_bits)
+        # Always multiply (no `if mask.all()`): a branch on a GPU tensor would sync the host.
+        shape = (1, -1) + (1,) * (w.dim() - 2)
+        return w * self.in_alive.view(shape).to(w.dtype)
+
+    def kernel_numel(self) -> int:
+        return int(math.prod(self.weight.shape[2:]))
+
+
+class SCConv2d(nn.Conv2d, SCLayer):
+    """nn.Conv2d whose weights go through q(x, b, e) (or stay float when b is None)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._conv_forward(x, self.effective_weight(), self.bias)
+        if self.input_offset.numel():
+            y = y + self._offset_map(x)
+        return y
+
+    def _offset_map(self, x: torch.Tensor) -> torch.Tensor:
+        # The folded inputs were constant images; convolving a ones-image with the folded
+        # kernel gives their exact contribution, zero padding at the borders included.
+        ones = x.new_ones((1, 1) + tuple(x.shape[-2:]))
+        return self._conv_forward(ones, self.input_offset.to(x.dtype), None)
+
+
+class SCLinear(nn.Linear, SCLayer):
+    """nn.Linear whose weights go through q(x, b, e) (or stay float when b is None)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.effective_weight(), self.bias)
+        if self.input_offset.numel():
+            y = y + self.input_offset.to(y.dtype)
+        return y
+
+
+def _converted(layer: nn.Module, bits: float | None, learn_bits: bool, round_bits: bool):
+    kw = {"bias": layer.bias is not None, "device": layer.weight.device, "dtype": layer.weight.dtype}
+    if isinstance(layer, nn.Conv2d):
+        if layer.groups != 1:
+            from scn.errors import SurgeryError
+
+            raise SurgeryError(
+                f"grouped convolution (groups={layer.groups}) is not supported by scn yet: "
+                "per-input-channel accounting and channel surgery assume groups=1."
+            )
+        new = SCConv2d(
+            layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+            layer.padding, layer.dilation, padding_mode=layer.padding_mode, **kw,
+        )
+    else:
+        new = SCLinear(layer.in_features, layer.out_features, **kw)
+    new.weight = layer.weight  # the same Parameter objects: nothing is re-initialised
+    new.bias = layer.bias
+    new.train(layer.training)
+    new._init_quant(bits, learn_bits, round_bits)
+    return new
+
+
+def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Conv2d and Linear layers of `model` in definition order, with their qualified names."""
+    return [
+        (name, m) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
+
+
+def quantize_(model: nn.Module, scheme: Scheme) -> nn.Module:
+    """Convert every Conv2d/Linear of `model` in place into an SC layer and return `model`.
+
+    Layers excluded by the scheme (first/last when not quantized, or all for "none") are still
+    converted, as float SC layers, so that surgery and size accounting treat every layer alike.
+    """
+    from scn.size import Reference  # size accounting builds on this module, not vice versa
+
+    layers = weight_layers(model)
+    if not layers:
+        raise ValueError("the model has no nn.Conv2d or nn.Linear layer to quantize")
+    model.scn_reference = Reference.of(model)  # the denominator of every size ratio
+    model.scn_scheme = scheme
+    for i, (name, layer) in enumerate(layers):
+        if isinstance(layer, SCLayer):
+            raise ValueError(f"layer {name!r} is already converted; call quantize_ once")
+        float_layer = (
+            scheme.kind == "none"
+            or (i == 0 and not scheme.quantize_first)
+            or (i == len(layers) - 1 and not scheme.quantize_last)
+        )
+        bits = None if float_layer else scheme.init_bits
+        new = _converted(layer, bits, scheme.kind == "self_compress", scheme.round_bits)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new)
+    return model
+
+
+def sc_layers(model: nn.Module) -> list[tuple[str, SCLayer]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, SCLayer)]
+
+
+def quant_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The b and e parameters (those that train), for their own optimizer group."""
+    params = []
+    for _, layer in sc_layers(model):
+        params += [p for p in (layer.b, layer.e) if p is not None and p.requires_grad]
+    return params
+
+
+def weight_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every trainable parameter that is not a b or an e."""
+    quant = {id(p) for p in quant_parameters(model)}
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in quant]

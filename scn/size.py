@@ -1,0 +1,209 @@
+"""Size accounting: what a model costs in bits, counted the way the file stores it.
+
+One rule for everything, applied to the model's state as it is now:
+
+- a quantized layer's weights cost `live_inputs * kernel_size * sum_i B_i` bits, where `B_i` is
+  the integer bit depth of output channel i (0 for a dead channel) and only inputs still fed by
+  a live producer count (`in_alive`);
+- each quantized output channel also stores its bit depth and exponent, one byte each;
+- every other tensor (biases, norm layers, running statistics, float layers, folded offsets)
+  costs its real width (32 bits for float32) per element, dead inputs of float layers excluded;
+- `in_alive` masks and BatchNorm's `num_batches_tracked` are not stored (inference needs them
+  not), so they cost nothing.
+
+"Bits per weight" divides that total by the number of scalars in the original float model
+(parameters plus float buffers), so a float32 model is exactly 32.0 and every method is
+compared against the same denominator, before and after channels are removed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from scn.quant import SCLayer, sc_layers
+
+META_BITS_PER_CHANNEL = 16  # one byte for the bit depth, one for the exponent
+_FREE_SUFFIXES = ("in_alive", "num_batches_tracked")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The original float model's size, the denominator of every ratio reported."""
+
+    scalars: int  # every parameter and float buffer element
+    weights: int  # elements of Conv2d/Linear weights only
+    out_channels: dict[str, int] = field(default_factory=dict)  # per weight layer
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Reference:
+        state = {k: v for k, v in model.state_dict().items() if not k.endswith(_FREE_SUFFIXES)}
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        return cls(
+            scalars=sum(v.numel() for v in state.values() if v.is_floating_point()),
+            weights=sum(m.weight.numel() for _, m in layers),
+            out_channels={n: m.weight.shape[0] for n, m in layers},
+        )
+
+
+def reference_of(model: nn.Module) -> Reference:
+    """The reference recorded by `scn.quantize_` (computed before any channel was removed)."""
+    ref = getattr(model, "scn_reference", None)
+    if ref is None:
+        raise ValueError("this model was not converted with scn.quantize_; no size reference")
+    return ref
+
+
+def _live_inputs(layer: SCLayer) -> torch.Tensor:
+    return layer.in_alive.sum()
+
+
+def weight_bits(layer: SCLayer, bits: torch.Tensor | None = None) -> torch.Tensor:
+    """Bits of one layer's weights: live inputs x kernel x sum of per-channel bit depths."""
+    if bits is None:
+        bits = layer.int_bits()
+    per_input = layer.kernel_numel() * bits.sum()
+    return _live_inputs(layer) * per_input
+
+
+def _stored_bits(model: nn.Module):
+    """Yield (kind, bits) for every tensor the file stores: kind is "weight" (quantized
+    weights), "qat_weight" (quantized weights with a fixed b), "meta" (bit depths and
+    exponents) or "float" (everything else, at its real width)."""
+    owners = {f"{name}.{attr}" if name else attr: layer
+              for name, layer in sc_layers(model) for attr in ("weight", "b", "e")}
+    for key, tensor in model.state_dict().items():
+        if key.endswith(_FREE_SUFFIXES):
+            continue
+        layer = owners.get(key)
+        attr = key.rpartition(".")[2]
+        if layer is None:
+            yield "float", tensor.numel() * tensor.element_size() * 8
+        elif not layer.quantized:
+            if attr == "weight":  # a float layer: dead inputs are not stored
+                yield "float", int(weight_bits(layer))
+        elif attr == "weight":
+            yield ("weight" if layer.b.requires_grad else "qat_weight"), int(weight_bits(layer))
+        elif attr == "b":
+            yield "meta", tensor.numel() * META_BITS_PER_CHANNEL
+
+
+def fixed_bits(model: nn.Module) -> torch.Tensor:
+    """Bits the optimizer cannot change through a trainable b: floats, per-channel meta, and
+    the weights of quantized layers whose b is fixed (the QAT baseline).
+
+    Constant between channel surgeries, so the training loop computes it once per surgery.
+    """
+    total = sum(bits for kind, bits in _stored_bits(model) if kind != "weight")
+    return torch.tensor(float(total), dtype=torch.float64)
+
+
+def size_loss(model: nn.Module, fixed: torch.Tensor | None = None) -> torch.Tensor:
+    """Q: the model's bits per original scalar, differentiable in every trainable b.
+
+    Uses the integer bit depths the file stores (rounded with a straight-through estimator,
+    so the gradient reaches the real b), hence Q equals `report(model).bits_per_weight`.
+    `fixed` is `fixed_bits(model)`, passed in by callers that cache it between surgeries.
+    """
+    ref = reference_of(model)
+    fixed = fixed_bits(model) if fixed is None else fixed
+    total = None
+    for _, layer in sc_layers(model):
+        if not layer.quantized or not layer.b.requires_grad:
+            continue
+        b = layer.b
+        if layer.round_bits:
+            b = b + (torch.round(b) - b).detach()
+        else:
+            b = torch.ceil(b) + (b - b.detach())  # the file stores ceil(b) bits
+        bits = b.clamp(min=0, max=16)
+        term = _live_inputs(layer).to(bits.dtype) * layer.kernel_numel() * bits.sum()
+        total = term if total is None else total + term
+    if total is None:
+        return fixed.float() / ref.scalars
+    return (total + fixed.to(total.device, total.dtype)) / ref.scalars
+
+
+@dataclass
+class SizeReport:
+    weight_bits: int  # quantized weights' payload
+    float_bits: int  # float tensors at their width
+    meta_bits: int  # per-channel bit depths and exponents
+    reference_scalars: int
+    weights_stored: int  # weight elements still stored (live out x live in x kernel)
+    reference_weights: int
+    param_count: int  # nn.Parameter elements now, b and e excluded
+    channels: dict[str, tuple[int, int]]  # layer -> (live output channels, original)
+    dead_channels: int = 0  # output channels at 0 bits still in the network (not removed)
+
+    @property
+    def total_bits(self) -> int:
+        return self.weight_bits + self.float_bits + self.meta_bits
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.total_bits / self.reference_scalars
+
+    @property
+    def float_bits_pct(self) -> float:
+        return 100.0 * self.total_bits / (32 * self.reference_scalars)
+
+    @property
+    def weights_left_pct(self) -> float:
+        return 100.0 * self.weights_stored / self.reference_weights
+
+    @property
+    def ideal_bytes(self) -> float:
+        """Everything counted, packed with no overhead: total bits / 8."""
+        return self.total_bits / 8
+
+    @property
+    def payload_ideal_bytes(self) -> float:
+        """Quantized weights alone, packed with no overhead."""
+        return self.weight_bits / 8
+
+    @property
+    def float32_bytes(self) -> int:
+        """The original model stored as float32."""
+        return 4 * self.reference_scalars
+
+    def as_dict(self) -> dict:
+        return {
+            "bits_per_weight": self.bits_per_weight,
+            "float_bits_pct": self.float_bits_pct,
+            "weights_left_pct": self.weights_left_pct,
+            "param_count": self.param_count,
+            "ideal_bytes": self.ideal_bytes,
+            "payload_ideal_bytes": self.payload_ideal_bytes,
+            "float32_bytes": self.float32_bytes,
+            "channels_left": {k: v[0] for k, v in self.channels.items()},
+        }
+
+
+@torch.no_grad()
+def report(model: nn.Module) -> SizeReport:
+    """Plain numbers describing the model's size now (see the module docstring for the rule)."""
+    ref = reference_of(model)
+    by_kind = {"weight": 0, "qat_weight": 0, "meta": 0, "float": 0}
+    for kind, bits in _stored_bits(model):
+        by_kind[kind] += bits
+    weights_stored = 0
+    channels = {}
+    for name, layer in sc_layers(model):
+        live_out = int(layer.live_out().sum())
+        weights_stored += live_out * int(_live_inputs(layer)) * layer.kernel_numel()
+        channels[name] = (live_out, ref.out_channels.get(name, layer.weight.shape[0]))
+    quant_params = {id(p) for _, layer in sc_layers(model) for p in (layer.b, layer.e) if p is not None}
+    return SizeReport(
+        weight_bits=by_kind["weight"] + by_kind["qat_weight"],
+        float_bits=by_kind["float"],
+        meta_bits=by_kind["meta"],
+        reference_scalars=ref.scalars,
+        weights_stored=weights_stored,
+        reference_weights=ref.weights,
+        param_count=sum(p.numel() for p in model.parameters() if id(p) not in quant_params),
+        channels=channels,
+        dead_channels=sum(int((~layer.live_out()).sum()) for _, layer in sc_layers(model)),
+    )

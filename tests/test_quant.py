@@ -1,0 +1,139 @@
+"""The quantizer q(x, b, e): values, straight-through gradients, initial exponents."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from scn.errors import ConfigError
+from scn.quant import (
+    SCConv2d,
+    Scheme,
+    SCLinear,
+    initial_exponent,
+    quant_parameters,
+    quantize,
+    quantize_,
+    round_ste,
+    weight_parameters,
+)
+
+
+def q(w, b, e, round_bits=True):
+    return quantize(torch.tensor(w).view(-1, 1), torch.tensor([float(b)]), torch.tensor([float(e)]),
+                    round_bits).view(-1).tolist()
+
+
+def test_hand_picked_values():
+    # b=3, e=0: integers clamped to [-4, 3]
+    assert q([0.2, 0.6, -1.4, 2.5, 3.7, 10.0, -4.2, -9.0], 3, 0) == [0, 1, -1, 2, 3, 3, -4, -4]
+    # b=2, e=-2: step 0.25, codes in [-2, 1] -> values in [-0.5, 0.25]
+    assert q([0.1, 0.2, -0.3, 0.9, -0.9], 2, -2) == [0.0, 0.25, -0.25, 0.25, -0.5]
+    # b=4, e=1: step 2, codes in [-8, 7]
+    assert q([3.1, -20.0, 100.0], 4, 1) == [4.0, -16.0, 14.0]
+    # b=1: the only codes are -1 and 0
+    assert q([0.4, -0.6, 5.0, -5.0], 1, 0) == [0.0, -1.0, 0.0, -1.0]
+
+
+@pytest.mark.parametrize("b", [0.0, 0.3, -0.2, -3.0])
+def test_bits_at_or_below_zero_give_exact_zeros(b):
+    w = torch.randn(5, 7)
+    out = quantize(w, torch.full((5,), b), torch.zeros(5))
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_real_bits_mode_uses_fractional_range():
+    # b=2.5 unrounded: range [-2^1.5, 2^1.5 - 1] = [-2.83, 1.83] -> codes -3..2 after rounding
+    assert q([-2.9, 1.9, 1.4], 2.5, 0, round_bits=False) == [-3.0, 2.0, 1.0]
+
+
+def test_straight_through_gradient_of_weights():
+    w = torch.tensor([[0.3, -0.7, 5.0]], requires_grad=True)  # 5.0 is clipped at b=3, e=0
+    out = quantize(w, torch.tensor([3.0]), torch.tensor([0.0]))
+    out.sum().backward()
+    assert w.grad.tolist() == [[1.0, 1.0, 0.0]]  # identity inside the range, zero where clipped
+
+
+def test_gradients_reach_bits_and_exponent():
+    w = torch.tensor([[0.3, 5.0]])
+    b = torch.tensor([3.0], requires_grad=True)
+    e = torch.tensor([0.0], requires_grad=True)
+    quantize(w, b, e).sum().backward()
+    # only the clipped weight (5.0 -> high = 2^(b-1) - 1) depends on b: d/db = ln2 * 2^(b-1)
+    assert b.grad.item() == pytest.approx(math.log(2) * 4)
+    # d/de of 2^e * round_ste(clamp(2^-e w)): the straight-through part cancels for the
+    # in-range weight (d/de = ln2 * (q - w)) and the clipped one gives ln2 * 2^e * 3
+    expected = math.log(2) * ((0.0 - 0.3) + 3.0)
+    assert e.grad.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_dead_channel_gets_no_gradient():
+    w = torch.randn(2, 4)
+    b = torch.tensor([0.2, 4.0], requires_grad=True)
+    e = torch.tensor([-2.0, -2.0], requires_grad=True)
+    quantize(w * 10, b, e).sum().backward()
+    assert b.grad[0] == 0 and e.grad[0] == 0
+
+
+def test_round_ste_passes_gradient():
+    x = torch.tensor([0.4, 1.6], requires_grad=True)
+    round_ste(x).sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_initial_exponent_does_not_clip_and_is_tight(bits):
+    w = torch.randn(6, 3, 3, 3) * torch.logspace(-3, 1, 6).view(-1, 1, 1, 1)
+    e = initial_exponent(w, bits)
+    high = 2 ** (bits - 1) - 1
+    top = w.abs().flatten(1).amax(1)
+    assert torch.all(top <= high * torch.exp2(e))  # no clipping of the largest weight
+    assert torch.all(top > high * torch.exp2(e - 1))  # one exponent smaller would clip
+    if bits == 8:
+        err = (quantize(w, torch.full((6,), 8.0), e) - w).abs().flatten(1).amax(1)
+        assert torch.all(err <= top / 127)  # close to lossless
+
+
+def _net():
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+
+
+def test_quantize_converts_layers_and_keeps_weights():
+    net = _net()
+    weight = net[0].weight
+    quantize_(net, Scheme(kind="self_compress", init_bits=6))
+    assert isinstance(net[0], SCConv2d) and isinstance(net[3], SCLinear)
+    assert net[0].weight is weight
+    assert net[0].b.tolist() == [6.0] * 4 and net[0].b.requires_grad
+    assert len(quant_parameters(net)) == 4
+    assert {id(p) for p in weight_parameters(net)}.isdisjoint({id(p) for p in quant_parameters(net)})
+
+
+def test_scheme_variants():
+    fixed = quantize_(_net(), Scheme(kind="fixed", init_bits=4))
+    assert not fixed[0].b.requires_grad and fixed[0].e.requires_grad
+    none = quantize_(_net(), Scheme(kind="none"))
+    assert not none[0].quantized and quant_parameters(none) == []
+    x = torch.randn(2, 1, 6, 6)
+    torch.manual_seed(0)
+    ref = _net()
+    torch.manual_seed(0)
+    assert torch.allclose(quantize_(_net(), Scheme(kind="none"))(x), ref(x))
+    edges = quantize_(_net(), Scheme(quantize_first=False, quantize_last=False))
+    assert not edges[0].quantized and not edges[3].quantized
+
+
+def test_bad_schemes_are_clear():
+    with pytest.raises(ConfigError, match="init_bits"):
+        Scheme(kind="self_compress", init_bits=0)
+    with pytest.raises(ConfigError, match="valid choices"):
+        Scheme(kind="ternary")
+
+
+def test_quantized_forward_matches_functional():
+    net = quantize_(_net(), Scheme(init_bits=3))
+    x = torch.randn(2, 1, 6, 6)
+    layer = net[0]
+    expected = torch.nn.functional.conv2d(x, quantize(layer.weight, layer.b, layer.e), layer.bias)
+    assert torch.allclose(layer(x), expected)

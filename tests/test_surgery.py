@@ -1,0 +1,201 @@
+"""Channel surgery: outputs unchanged, optimizer steps unchanged, shapes really smaller."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from scn import size, surgery
+from scn.errors import SurgeryError
+from scn.models import ResNet, SmallCNN
+from scn.quant import SCConv2d, Scheme, quantize_, sc_layers
+from scn.train import TrainConfig, make_optimizer
+
+
+def randomize_norms(model):
+    """Non-trivial BatchNorm statistics, so dead channels emit real constants through ReLU."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 1)
+            m.running_mean.normal_(0, 1)
+            m.running_var.uniform_(0.5, 2.0)
+
+
+def kill(model, fraction, generator, names=None):
+    for name, layer in sc_layers(model):
+        if layer.quantized and (names is None or name in names):
+            dead = torch.rand(layer.b.shape, generator=generator) < fraction
+            layer.b.data[dead] = 0.2  # rounds to 0 bits
+    return model
+
+
+def small_cnn():
+    m = quantize_(SmallCNN(width=6), Scheme(init_bits=6))
+    randomize_norms(m)
+    return m, torch.randn(8, 1, 28, 28)
+
+
+def resnet():
+    m = quantize_(ResNet(width=6, blocks=(2, 2)), Scheme(init_bits=6))
+    randomize_norms(m)
+    return m, torch.randn(8, 3, 16, 16)
+
+
+def kill_residual_channel(model, space_index_in_graph, graph, channel):
+    """Kill one residual-stream channel in every producer of its space."""
+    space = graph.spaces[space_index_in_graph]
+    for name in space.producers:
+        model.get_submodule(name).b.data[channel] = 0.2
+
+
+def residual_space(graph):
+    return next(i for i, s in enumerate(graph.spaces) if len(s.producers) > 1)
+
+
+def rel_err(a, b):
+    return float(((a - b).abs().max() / b.abs().max()).detach())
+
+
+@pytest.mark.parametrize("build", [small_cnn, resnet])
+@pytest.mark.parametrize("physical", [True, False])
+def test_outputs_unchanged(build, physical):
+    gen = torch.Generator().manual_seed(1)
+    model, x = build()
+    graph = surgery.trace(model, x)
+    kill(model, 0.4, gen)
+    if build is resnet:
+        kill_residual_channel(model, residual_space(graph), graph, 1)
+    model.eval()
+    before = model(x)
+    result = surgery.prune(model, graph, physical=physical)
+    assert result.total > 0
+    assert rel_err(model(x), before) < 1e-5
+
+
+def test_physical_removal_shrinks_shapes_and_size():
+    gen = torch.Generator().manual_seed(2)
+    model, x = small_cnn()
+    graph = surgery.trace(model, x)
+    kill(model, 0.5, gen)
+    params_before = size.report(model).param_count
+    bits_before = size.report(model).bits_per_weight
+    live = {n: int(layer.live_out().sum()) for n, layer in sc_layers(model)}
+    surgery.prune(model, graph)
+    for name, layer in sc_layers(model)[:-1]:
+        assert layer.weight.shape[0] == max(live[name], 1)
+    rep = size.report(model)
+    assert rep.param_count < params_before and rep.bits_per_weight < bits_before
+    assert rep.reference_scalars == size.Reference.of(SmallCNN(width=6)).scalars  # same denominator
+
+
+def test_linear_after_flatten_loses_whole_blocks():
+    model, x = small_cnn()
+    graph = surgery.trace(model, x)
+    last_conv = sc_layers(model)[-2][1]
+    head = sc_layers(model)[-1][1]
+    block = head.weight.shape[1] // last_conv.weight.shape[0]
+    assert block == 7 * 7
+    last_conv.b.data[[0, 3]] = 0.0
+    model.eval()
+    before = model(x)
+    surgery.prune(model, graph)
+    assert head.weight.shape[1] == (last_conv.weight.shape[0]) * block
+    assert head.in_features == head.weight.shape[1]
+    assert rel_err(model(x), before) < 1e-5
+
+
+@pytest.mark.parametrize("build", [small_cnn, resnet])
+def test_all_dead_layer_keeps_one_channel(build):
+    model, x = build()
+    graph = surgery.trace(model, x)
+    space = next(s for s in graph.spaces if not s.protected and s.producers and len(s.producers) == 1)
+    layer = model.get_submodule(space.producers[0])
+    layer.b.data[:] = 0.1
+    layer.b.data[2] = 0.4  # the "least dead" stays
+    model.eval()
+    before = model(x)
+    surgery.prune(model, graph)
+    assert layer.weight.shape[0] == 1
+    assert rel_err(model(x), before) < 1e-5
+    assert surgery.prune(model, graph).total == 0  # nothing more to do, no crash
+
+
+@pytest.mark.parametrize("build", [small_cnn, resnet])
+def test_one_optimizer_step_equals_masked_model(build):
+    gen = torch.Generator().manual_seed(3)
+    model, x = build()
+    y = torch.randint(0, 10, (len(x),))
+    graph = surgery.trace(model, x)
+    cfg = TrainConfig(lr=1e-2, lr_quant=0.05)
+
+    def step(m, opt):
+        loss = nn.functional.cross_entropy(m(x), y) + 0.01 * size.size_loss(m)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    model.train()
+    opt = make_optimizer(model, cfg)
+    step(model, opt)  # optimizer state exists before surgery
+    kill(model, 0.4, gen)
+    if build is resnet:
+        kill_residual_channel(model, residual_space(graph), graph, 0)
+    masked, opt_masked = copy.deepcopy((model, opt))  # the copy's optimizer holds the copy's params
+    result = surgery.prune(model, graph, physical=True, optimizer=opt)
+    surgery.prune(masked, graph, physical=False, optimizer=opt_masked)
+    assert result.total > 0
+    step(model, opt)
+    step(masked, opt_masked)
+
+    shrunk = dict(model.named_parameters())
+    for name, full in masked.named_parameters():
+        module, _, attr = name.rpartition(".")
+        expected = full.detach()
+        if module in result.kept_out:
+            expected = expected.index_select(0, result.kept_out[module])
+        if module in result.kept_in and attr == "weight":
+            expected = expected.index_select(1, result.kept_in[module])
+        assert shrunk[name].shape == expected.shape, name
+        assert torch.allclose(shrunk[name], expected, rtol=1e-5, atol=1e-6), name
+
+
+def test_unsupported_model_is_a_clear_error():
+    class Concat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(1, 2, 3)
+            self.b = nn.Conv2d(1, 2, 3)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(torch.cat([self.a(x), self.b(x)], 1).mean((2, 3)))
+
+    model = quantize_(Concat(), Scheme())
+    with pytest.raises(SurgeryError, match="cat"):
+        surgery.trace(model, torch.randn(1, 1, 8, 8))
+
+
+def test_grouped_conv_is_refused():
+    net = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(SurgeryError, match="groups"):
+        quantize_(net, Scheme())
+
+
+def test_constant_of_a_dead_channel_is_folded_exactly_at_borders():
+    # One producer channel dies; its BN bias through ReLU is a constant image that the padded
+    # consumer sees with zero padding: the folded kernel must reproduce the border values.
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, bias=False), nn.BatchNorm2d(2), nn.ReLU(),
+                        nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 5 * 5, 2))
+    quantize_(net, Scheme())
+    net[1].bias.data[:] = torch.tensor([2.0, 3.0])
+    net[0].b.data[1] = 0.0
+    graph = surgery.trace(net, torch.randn(1, 1, 5, 5))
+    net.eval()
+    x = torch.randn(4, 1, 5, 5)
+    before = net(x)
+    surgery.prune(net, graph)
+    assert isinstance(net[3], SCConv2d) and net[3].weight.shape[1] == 1
+    assert net[3].input_offset.shape == (3, 1, 3, 3)
+    assert rel_err(net(x), before) < 1e-6
