@@ -11,6 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from scn import experiment
 from scn.errors import ConfigError, DataError, ScnError
@@ -27,6 +28,9 @@ def _instantiate(cfg: DictConfig, key: str, **kwargs):
     """Instantiate group `key`, turning Hydra's wrapped errors back into a one-line reason."""
     try:
         return instantiate(cfg[key], **kwargs)
+    except MissingMandatoryValue as exc:
+        raise ConfigError(f"{exc.full_key} is required and was not given: add "
+                          f"{exc.full_key}=VALUE to the command line.") from None
     except InstantiationException as exc:
         cause = exc.__cause__ or exc
         if isinstance(cause, ScnError):

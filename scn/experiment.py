@@ -10,6 +10,8 @@ The run folder (every file written atomically):
 
 from __future__ import annotations
 
+import hashlib
+import json
 import platform
 import time
 from collections.abc import Callable
@@ -20,6 +22,7 @@ import torch
 
 from scn import checkpoint, io, report, size
 from scn.data import ImageData
+from scn.errors import ScnError
 from scn.quant import Scheme, quantize_
 from scn.train import TrainConfig, TrainResult, train
 
@@ -57,9 +60,48 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads"
 
 
+# Keys that change nothing about the result: a run differing only in these is the same run.
+_HASH_IGNORED = {("trainer", "progress"), ("trainer", "log_every")}
+
+
+def config_hash(config: dict | None) -> str:
+    """A short fingerprint of a resolved config, for recognising a run already done."""
+    clean = {k: ({kk: vv for kk, vv in v.items() if (k, kk) not in _HASH_IGNORED}
+                 if isinstance(v, dict) else v)
+             for k, v in (config or {}).items() if k != "hydra"}
+    text = json.dumps(clean, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def read_summary(run_dir: str | Path) -> dict | None:
+    try:
+        return json.loads((Path(run_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def finished_summary(run_dir: str | Path, digest: str) -> dict | None:
+    """The summary of a finished run of this config in `run_dir`, or None."""
+    summary = read_summary(run_dir)
+    if summary and summary.get("status") == "finished" and summary.get("config_hash") == digest:
+        return summary
+    return None
+
+
 def run(exp: Experiment, run_dir: str | Path) -> dict:
-    """Train and write the run folder; returns the summary. Failures leave a 'failed' summary."""
+    """Train and write the run folder; returns the summary. Failures leave a 'failed' summary.
+
+    A folder that already holds a finished run is never overwritten: the same config returns
+    its summary (a re-launched sweep skips it), a different config is an error.
+    """
     run_dir = Path(run_dir)
+    digest = config_hash(exp.config)
+    previous = read_summary(run_dir)
+    if previous and previous.get("status") == "finished":
+        if previous.get("config_hash") == digest:
+            return previous
+        raise ScnError(f"{run_dir} already holds a finished run of another config; scn never "
+                       "overwrites a finished run. Choose another folder (hydra.run.dir=...).")
     run_dir.mkdir(parents=True, exist_ok=True)
     model = exp.build_model()
     history: list[dict] = []
@@ -75,7 +117,7 @@ def run(exp: Experiment, run_dir: str | Path) -> dict:
         steps.extend(rows)
         report.write_csv(run_dir / "train_log.csv", steps)
 
-    base = {"status": "running", "config": exp.config, "machine": machine()}
+    base = {"status": "running", "config_hash": digest, "config": exp.config, "machine": machine()}
     io.write_json(run_dir / "summary.json", base)
     try:
         result = train(model, exp.data, exp.trainer, exp.schedule, seed=exp.seed,
@@ -123,5 +165,6 @@ def _summary(exp: Experiment, model: torch.nn.Module, result: TrainResult, base:
         "best": {"test_accuracy": best["test_accuracy"], "step": best["step"],
                  "bits_per_weight": best["bits_per_weight"]},
         "machine": base["machine"],
+        "config_hash": base["config_hash"],
         "config": exp.config,
     }

@@ -199,3 +199,28 @@ def test_constant_of_a_dead_channel_is_folded_exactly_at_borders():
     assert isinstance(net[3], SCConv2d) and net[3].weight.shape[1] == 1
     assert net[3].input_offset.shape == (3, 1, 3, 3)
     assert rel_err(net(x), before) < 1e-6
+
+
+def test_dead_channel_carrying_an_earlier_fold_is_kept_not_broken():
+    # conv_a -> BN -> ReLU -> conv_b -> BN -> ReLU -> conv_c. First a channel of conv_a dies:
+    # its constant is folded into conv_b through zero padding, so conv_b's outputs now vary at
+    # the borders even where conv_b's weights are zero. Then a conv_b channel dies: its image
+    # is not uniform, so it cannot fold exactly into conv_c and must stay (at 0 bits).
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, bias=False), nn.BatchNorm2d(2), nn.ReLU(),
+                        nn.Conv2d(2, 2, 3, padding=1, bias=False), nn.BatchNorm2d(2), nn.ReLU(),
+                        nn.Conv2d(2, 2, 3, padding=1), nn.Flatten(), nn.Linear(2 * 5 * 5, 2))
+    quantize_(net, Scheme())
+    randomize_norms(net)
+    net[1].bias.data[:] = 2.0
+    net[4].bias.data[:] = 2.0
+    graph = surgery.trace(net, torch.randn(1, 1, 5, 5))
+    net.eval()
+    x = torch.randn(4, 1, 5, 5)
+    net[0].b.data[1] = 0.0
+    assert surgery.prune(net, graph).total == 1
+    net[3].b.data[0] = 0.0
+    before = net(x)
+    result = surgery.prune(net, graph)
+    assert result.kept_nonuniform == 1 and result.total == 0
+    assert net[3].weight.shape[0] == 2
+    assert rel_err(net(x), before) < 1e-5

@@ -1,0 +1,133 @@
+"""Channel removal benchmark: does a network that removes its dead channels train and run faster?
+
+One invocation, same data, model, seed and size-loss weight for every method:
+  none     float training (the reference cost);
+  masked   self-compression where dead channels stay in place (what public ports do);
+  removal  self-compression with channels physically removed every N steps (scn's default).
+(a) wall time of each full training run; (b) inference latency at batch 1 and 256 on the CPU
+and FLOPs (torch.utils.flop_counter) of the final model. A masked network keeps the float
+shapes, so its inference is measured on those shapes. Writes docs/results/removal.json and
+removal.png; run folders go under --runs and are reused when finished (resumable).
+
+    python scripts/bench_removal.py                   # the committed numbers
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from scn import checkpoint, io  # noqa: E402
+from scn.experiment import machine  # noqa: E402
+from scn.sweep import run_overrides  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+# A wider CNN and a firmer size-loss weight than the default job: enough channels die for
+# removal to matter, and the comparison is between methods on the same recipe.
+COMMON = ["+experiment=fashion_mnist_cnn", "model.width=32", "size_loss.gamma=0.3"]
+METHODS = {
+    "none": ["quant=none"],
+    "masked": ["trainer.surgery=masked"],
+    "removal": ["trainer.surgery=physical"],
+}
+
+
+def flops(model: torch.nn.Module, x: torch.Tensor) -> int:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops()
+
+
+def latency_ms(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
+    """Median wall time of one forward pass, after warm-up."""
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 3):
+            t0 = time.perf_counter()
+            model(x)
+            if i >= 3:
+                times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every method")
+    parser.add_argument("--runs", type=Path, default=ROOT / "outputs/bench/removal")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs/results")
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args(argv)
+
+    summaries = {m: run_overrides([*COMMON, *o, *args.overrides], args.runs / m)
+                 for m, o in METHODS.items()}
+    float_model, header = checkpoint.load_checkpoint(Path(summaries["none"]["run_dir"]) / "model.safetensors")
+    shape = (1, *header["dataset"]["input_shape"])
+    results = []
+    for method, summary in summaries.items():
+        model, _ = checkpoint.load_checkpoint(Path(summary["run_dir"]) / "model.safetensors")
+        deployed = float_model if method == "masked" else model  # masking keeps the float shapes
+        deployed = deployed.eval().to(memory_format=torch.channels_last)
+        x1 = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+        x256 = torch.randn(256, *shape[1:]).contiguous(memory_format=torch.channels_last)
+        results.append({
+            "method": method,
+            "wall_time_s": summary["wall_time_s"],
+            "test_accuracy": summary["test_accuracy"],
+            "bits_per_weight": summary["bits_per_weight"],
+            "step_time_s": summary["step_time_s"],
+            "param_count": sum(p.numel() for p in deployed.parameters()) if method == "masked"
+            else summary["param_count"],
+            "flops": flops(deployed, x1),
+            "latency_b1_ms": latency_ms(deployed, x1, args.repeats * 10),
+            "latency_b256_ms": latency_ms(deployed, x256, args.repeats),
+            "channels_left": summary["channels_left"],
+            "run_dir": summary["run_dir"],
+        })
+    base = results[0]
+    for r in results:
+        r["wall_time_ratio"] = r["wall_time_s"] / base["wall_time_s"]
+        r["flop_ratio"] = r["flops"] / base["flops"]
+        r["latency_b1_ratio"] = r["latency_b1_ms"] / base["latency_b1_ms"]
+        r["latency_b256_ratio"] = r["latency_b256_ms"] / base["latency_b256_ms"]
+    command = "python scripts/bench_removal.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    io.write_json(args.out / "removal.json",
+                  {"command": command.strip(), "machine": machine(), "common_overrides": COMMON,
+                   "results": results})
+    plot(results, args.out / "removal.png")
+    for r in results:
+        print(f"{r['method']:>8}: train {r['wall_time_s']:7.1f}s ({r['wall_time_ratio']:.2f}x)  "
+              f"acc {r['test_accuracy']:.2f}%  FLOPs {r['flop_ratio']:.3f}x  "
+              f"latency b1 {r['latency_b1_ratio']:.3f}x  b256 {r['latency_b256_ratio']:.3f}x")
+
+
+def plot(results: list[dict], path: Path) -> None:
+    keys = [("wall_time_ratio", "training wall time"), ("flop_ratio", "FLOPs"),
+            ("latency_b1_ratio", "latency, batch 1"), ("latency_b256_ratio", "latency, batch 256")]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / len(results)
+    for i, r in enumerate(results):
+        xs = [k + i * width for k in range(len(keys))]
+        ax.bar(xs, [r[k] for k, _ in keys], width, label=f"{r['method']} ({r['test_accuracy']:.2f}%)")
+    ax.set_xticks([k + width * (len(results) - 1) / 2 for k in range(len(keys))], [n for _, n in keys])
+    ax.axhline(1.0, color="gray", ls="--")
+    ax.set(ylabel="relative to float (lower is cheaper)",
+           title="Channel removal: training and inference cost relative to float")
+    ax.legend(title="method (test accuracy)")
+    fig.tight_layout()
+    io.atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
