@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from scn import experiment
+from scn import aggregate, experiment
 from scn.errors import ConfigError, DataError, ScnError
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -76,6 +76,12 @@ def train_main(cfg: DictConfig) -> float | None:
     except (ConfigError, DataError) as exc:
         _discard_empty_run_dir(run_dir)
         return fail(str(exc)) if not multirun else print(f"scn: error: {exc}", file=sys.stderr)
+    done = experiment.finished_summary(run_dir, experiment.config_hash(exp.config))
+    if done is not None:  # a re-launched sweep: this job's run is already complete
+        print(f"\nscn: skipped: {run_dir} already holds a finished run of this config "
+              f"(test accuracy {done['test_accuracy']:.2f}% at {done['bits_per_weight']:.3f} "
+              "bits/weight); not training it again. Remove the folder to re-run it.")
+        return _objective(done)
     try:
         summary = experiment.run(exp, run_dir)
     except ScnError as exc:
@@ -87,6 +93,15 @@ def train_main(cfg: DictConfig) -> float | None:
     print(f"\nscn: finished: test accuracy {summary['test_accuracy']:.2f}% at "
           f"{summary['bits_per_weight']:.3f} bits/weight ({summary['float_bits_pct']:.2f}% of "
           f"float32), {summary['weights_left_pct']:.1f}% of weights left. Run folder: {run_dir}")
+    return _objective(summary)
+
+
+def _objective(summary: dict) -> float | tuple[float, float]:
+    """What a sweeper optimises: test accuracy; (test accuracy, model bytes) when the sweeper
+    has two directions (hparams_search: direction [maximize, minimize])."""
+    direction = HydraConfig.get().sweeper.get("direction")
+    if (OmegaConf.is_list(direction) or isinstance(direction, (list, tuple))) and len(direction) == 2:
+        return summary["test_accuracy"], aggregate.size_bytes(summary)[0]
     return summary["test_accuracy"]
 
 

@@ -214,7 +214,8 @@ class Trainer:
             "task_loss": task_loss, "size_loss": q, "test_accuracy": acc,
             "bits_per_weight": rep.bits_per_weight, "float_bits_pct": rep.float_bits_pct,
             "weights_left_pct": rep.weights_left_pct, "gamma": gamma,
-            "param_count": rep.param_count, "lr": self.optimizer.param_groups[0]["lr"],
+            "param_count": rep.param_count, "ideal_bytes": rep.ideal_bytes,
+            "float32_bytes": rep.float32_bytes, "lr": self.optimizer.param_groups[0]["lr"],
         }
         row.update({f"channels/{k}": v[0] for k, v in rep.channels.items()})
         return row

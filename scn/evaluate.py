@@ -1,0 +1,188 @@
+"""scn-eval: decode a .scn file, rebuild the model, and measure it on its dataset.
+
+    scn-eval model.scn                      accuracy, file size, bits/weight, channels left
+    scn-eval model.scn --json               the same as one JSON object
+    scn-eval model.scn --dataset synthetic  evaluate on another dataset (same input shape)
+    scn-eval model.scn --export out.safetensors   a plain float state_dict of the shrunk model
+
+The model is evaluated with the normalisation it was trained with (the mean and std in the
+file's header), on the test split of the dataset its header names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save
+from torch import nn
+
+from scn import format as scn_format
+from scn import io, size
+from scn.errors import DataError, ScnError
+from scn.quant import sc_layers
+
+DATASETS = ("fashion_mnist", "synthetic")
+
+
+def load_dataset(name: str, header: dict, root: str | None = None):
+    """The test data `name` as scn's loaders give it, shaped like the file's dataset."""
+    from scn import data
+
+    info = header.get("dataset") or {}
+    shape = info.get("input_shape")
+    if name == "fashion_mnist":
+        dataset = data.fashion_mnist(root=root)
+    elif name == "synthetic":
+        kw = {}
+        if info.get("classes"):
+            kw["num_classes"] = len(info["classes"])
+        if shape:
+            kw.update(channels=int(shape[0]), image_size=int(shape[1]))
+        dataset = data.synthetic(**kw)
+    else:
+        raise DataError(f"dataset {name!r} is not one scn-eval can load; known datasets are "
+                        f"{', '.join(DATASETS)}. Pass one with --dataset NAME.")
+    if shape and list(dataset.input_shape) != [int(s) for s in shape]:
+        raise DataError(f"dataset {name} has inputs of shape {list(dataset.input_shape)} but the "
+                        f"model was trained on {list(shape)}; pick a matching --dataset.")
+    if info.get("mean") and info.get("std") and len(info["mean"]) == dataset.input_shape[0]:
+        dataset.mean = torch.tensor(info["mean"], dtype=torch.float32)  # the model's preprocessing
+        dataset.std = torch.tensor(info["std"], dtype=torch.float32)
+    return dataset
+
+
+def _num_outputs(model: nn.Module) -> int:
+    return sc_layers(model)[-1][1].weight.shape[0]
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The decoded model's state as a plain torch model would name it, weights as floats.
+
+    Each Conv2d/Linear weight is its effective (quantized, dead inputs zeroed) float weight;
+    `b`, `e` and `in_alive` are dropped. A layer that carries folded constants of removed
+    inputs keeps them as `<layer>.input_offset` (a plain model needs to add them itself).
+    """
+    state = {}
+    layers = dict(sc_layers(model))
+    for key, value in model.state_dict().items():
+        owner, _, attr = key.rpartition(".")
+        layer = layers.get(owner)
+        if layer is not None:
+            if attr in ("b", "e", "in_alive"):
+                continue
+            if attr == "input_offset" and not value.numel():
+                continue
+            if attr == "weight":
+                value = layer.effective_weight()
+        state[key] = value.detach().cpu().contiguous()
+    return state
+
+
+def export(model: nn.Module, header: dict, path: str | Path) -> list[str]:
+    """Write `plain_state_dict(model)` as safetensors; returns the layers with input offsets."""
+    state = plain_state_dict(model)
+    offsets = [k.rpartition(".")[0] for k in state if k.endswith(".input_offset")]
+    meta = {"scn_export": json.dumps({"model": header.get("model"), "dataset": header.get("dataset"),
+                                      "input_offset_layers": offsets})}
+    io.write_bytes(path, save(state, metadata=meta))
+    return offsets
+
+
+def measure(path: str | Path, dataset: str | None = None, root: str | None = None,
+            device: str = "cpu", batch_size: int = 1000) -> tuple[dict, nn.Module, dict]:
+    """Decode `path`, evaluate it; returns (results, model, header)."""
+    from scn.train import evaluate
+
+    model, header = scn_format.load(path, device=device)
+    name = dataset or (header.get("dataset") or {}).get("name")
+    if not name:
+        raise DataError(f"{path} does not name the dataset it was trained on; pass --dataset NAME "
+                        f"({', '.join(DATASETS)}).")
+    data = load_dataset(name, header, root)
+    if data.num_classes != _num_outputs(model):
+        raise DataError(f"dataset {name} has {data.num_classes} classes but the model has "
+                        f"{_num_outputs(model)} outputs; pick the dataset it was trained on.")
+    acc, _ = evaluate(model, data.to(device), batch_size=batch_size)
+    rep = size.report(model)
+    stats = scn_format.file_stats(path)
+    results = {
+        "path": str(path),
+        "model": (header.get("model") or {}).get("name"),
+        "scheme": (header.get("scheme") or {}).get("kind"),
+        "dataset": name,
+        "test_images": len(data.test_y),
+        "test_accuracy": acc,
+        **stats,
+        "bits_per_weight": rep.bits_per_weight,
+        "file_bits_per_weight": 8 * stats["file_bytes"] / rep.reference_scalars,
+        "ideal_bytes": rep.ideal_bytes,
+        "payload_ideal_bytes": rep.payload_ideal_bytes,
+        "float32_bytes": rep.float32_bytes,
+        "compression": rep.float32_bytes / stats["file_bytes"],
+        "channels_left": {k: v[0] for k, v in rep.channels.items()},
+        "channels_original": {k: v[1] for k, v in rep.channels.items()},
+    }
+    return results, model, header
+
+
+def _text(r: dict) -> str:
+    channels = ", ".join(f"{k} {r['channels_left'][k]}/{r['channels_original'][k]}"
+                         for k in r["channels_left"])
+    return "\n".join([
+        f"{r['path']}: {r['model']} ({r['scheme']}) on {r['dataset']}",
+        f"  test accuracy  {r['test_accuracy']:.2f}% on {r['test_images']} images",
+        f"  file           {r['file_bytes']:,} bytes (ideal {r['ideal_bytes']:,.0f}; float32 "
+        f"{r['float32_bytes']:,}: {r['compression']:.1f}x smaller)",
+        f"  bits/weight    {r['bits_per_weight']:.3f} counted, {r['file_bits_per_weight']:.3f} "
+        "in the file",
+        f"  channels left  {channels}",
+    ])
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="scn-eval", description="Decode a packed .scn model and evaluate it on its dataset.")
+    p.add_argument("path", help="a .scn file (written by scn.save)")
+    p.add_argument("--dataset", metavar="NAME",
+                   help=f"evaluate on this dataset instead of the one the file names ({', '.join(DATASETS)})")
+    p.add_argument("--root", metavar="DIR", help="where the fashion_mnist IDX files are")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    p.add_argument("--batch-size", type=int, default=1000, help="test batch size (default 1000)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--export", metavar="OUT.safetensors",
+                   help="also write a plain float state_dict of the shrunk model")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.batch_size <= 0:
+            raise ScnError(f"--batch-size={args.batch_size} must be a positive integer.")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ScnError(f"--device={args.device} but CUDA is not available here; use --device cpu.")
+        results, model, header = measure(args.path, args.dataset, args.root, args.device,
+                                         args.batch_size)
+        if args.export:
+            results["export"] = str(args.export)
+            try:
+                results["input_offset_layers"] = export(model, header, args.export)
+            except OSError as exc:
+                raise ScnError(f"cannot write {args.export}: {exc.strerror or exc}.") from None
+    except ScnError as exc:
+        print(f"scn-eval: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(results) if args.json else _text(results))
+    if args.export and not args.json:
+        print(f"  exported       {args.export}" + (
+            f" (layers {', '.join(results['input_offset_layers'])} keep an input_offset)"
+            if results["input_offset_layers"] else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,543 @@
+"""The packed `.scn` file: a trained model at the size the accounting promises.
+
+`save(model, path)` writes every quantized weight as its integer code packed at its own
+channel's bit depth (a 3-bit channel costs 3 bits per weight, a 0-bit channel nothing);
+`load(path)` rebuilds the model, bit for bit. docs/format.md is the specification; this module
+is one implementation of it.
+
+The container is safetensors (no pickle: safe to open from strangers) with five tensors:
+`codes` (uint8: every quantized layer's bitstream), `bits` (uint8) and `exponents` (int8),
+one entry per quantized output channel, `floats` (float32: every other stored tensor,
+flattened and concatenated) and, only when some layer has dead inputs, `live_inputs`
+(uint8 bit masks). The JSON header in the metadata entry "scn" names the format and
+version, describes the model the way the training checkpoint does (`checkpoint.describe`:
+registered model name and arguments, scheme, size reference, dataset), and lists the
+layers and float tensors in storage order. A SHA-256 of the whole file (metadata entry
+"scn_sha256") catches any corruption. A few large tensors instead of one per layer keep the
+fixed overhead small: a safetensors entry costs ~75 bytes, which for a ResNet-20 would add
+up to some 10 KB.
+
+Channels: before writing, a deep copy of the model goes through physical channel surgery
+(`surgery.trace` + `surgery.prune(physical=True)`), which removes every output channel whose
+bit depth is 0 together with its BatchNorm entries and its consumers' input columns, folding
+whatever constant such a channel still emitted into its consumers (`input_offset`). So dead
+channels and dead inputs are absent from the stored shapes. What surgery keeps at 0 bits (the
+last channel of a space, a channel dead in only some producers of a residual stream, a
+channel whose image cannot fold exactly) is stored with bit depth 0 and no codes: its weights
+are exactly zero. Inputs still masked after surgery (a model surgery cannot trace) are not
+stored; a per-layer bit mask records which inputs are. The decoded model is the pruned copy,
+bit for bit; surgery guarantees the pruned copy's outputs equal the original's (folding is
+exact up to float rounding, and a model pruned at the end of training, as every scn run is,
+is left untouched).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+from torch import nn
+
+from scn import checkpoint, io
+from scn.errors import FormatError, SurgeryError
+from scn.models import MODELS
+from scn.quant import MAX_BITS, SCLayer, sc_layers
+
+FORMAT = "scn"
+VERSION = 1
+METADATA_KEY = "scn"
+CHECKSUM_KEY = "scn_sha256"
+MAX_EXPONENT = 110  # |E| <= 110 keeps every code * 2^E an exact, normal float32
+_FREE_SUFFIXES = ("in_alive", "num_batches_tracked")  # never stored (as in scn.size)
+_CHECKSUM_RE = re.compile(rb'"scn_sha256"\s*:\s*"([0-9a-f]{64})"')
+_PLANES = np.arange(16)
+_MAX_ELEMENTS = 1 << 32  # no layer of a real model comes near; a larger one is a damaged header
+
+
+# ---------------------------------------------------------------------------------------------
+# Bit packing: codes of one layer, channel after channel, each at its own bit depth.
+
+
+def pack_codes(codes: np.ndarray, bits: np.ndarray) -> np.ndarray:
+    """Pack signed integer codes (channels, m) at per-channel bit depths into bytes.
+
+    Channel c's codes are written in order, each as its bits[c] low two's-complement bits,
+    least significant bit first; the stream fills each byte from bit 0 (LSB) up and the last
+    byte is zero-padded. bits[c] = 0 writes nothing. Vectorised: the codes' 16-bit
+    two's-complement bit planes are laid out (channel, code, bit) in C order, and the planes a
+    channel does not use are dropped, which leaves exactly the stream.
+    """
+    codes = np.asarray(codes)
+    bits = np.asarray(bits, dtype=np.int64)
+    o, m = codes.shape
+    planes = np.unpackbits(codes.astype("<i2").view(np.uint8).reshape(o, m, 2), axis=2,
+                           bitorder="little")  # (o, m, 16): bit k of each code
+    used = np.broadcast_to(_PLANES < bits[:, None, None], planes.shape)
+    return np.packbits(planes[used], bitorder="little")
+
+
+def unpack_codes(stream: np.ndarray, bits: np.ndarray, m: int) -> np.ndarray:
+    """Inverse of `pack_codes`: the (channels, m) int32 codes from a layer's stream."""
+    bits = np.asarray(bits, dtype=np.int64)
+    o = len(bits)
+    total = m * int(bits.sum())
+    if len(stream) != -(-total // 8):
+        raise FormatError(f"a layer's bitstream holds {len(stream)} bytes where its bit depths "
+                          f"need {-(-total // 8)}; the file is corrupt.")
+    planes = np.zeros((o, m, 16), dtype=np.uint8)
+    used = np.broadcast_to(_PLANES < bits[:, None, None], planes.shape)
+    planes[used] = np.unpackbits(stream, count=total, bitorder="little")
+    u = np.packbits(planes, axis=2, bitorder="little").view("<u2").reshape(o, m).astype(np.int32)
+    half = np.where(bits > 0, 1 << np.maximum(bits - 1, 0), 1 << 17)[:, None]  # 2^(B-1)
+    return np.where(u >= half, u - 2 * half, u).astype(np.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# A model's state <-> the five tensors and the two tables of the header.
+
+
+@dataclass
+class Packed:
+    """What the file stores, before serialization: tensors and the header's two tables."""
+
+    tensors: dict[str, np.ndarray]
+    layers: list[dict] = field(default_factory=list)  # one per Conv2d/Linear, in model order
+    floats: list[list] = field(default_factory=list)  # [name, shape] in storage order
+
+    @property
+    def payload_bytes(self) -> int:
+        return int(self.tensors["codes"].size)
+
+
+def _codes_of(name: str, layer: SCLayer, live: torch.Tensor, bits: torch.Tensor,
+              exps: torch.Tensor) -> np.ndarray:
+    """The integer codes of a quantized layer's live inputs, checked to fit their bit depths."""
+    w = layer.effective_weight().detach().cpu().float()[:, live]
+    exps = torch.where(bits > 0, exps, 0)  # a 0-bit channel's weights are 0 whatever its exponent
+    codes = (w / torch.exp2(exps.float()).view((-1,) + (1,) * (w.dim() - 1))).flatten(1)
+    b = bits.view(-1, 1)
+    low = torch.where(b > 0, -(2.0 ** (b - 1).clamp(min=0)), 0.0)
+    high = torch.where(b > 0, 2.0 ** (b - 1).clamp(min=0) - 1, 0.0)
+    ok = (codes == torch.round(codes)) & (codes >= low) & (codes <= high)
+    if not bool(ok.all()):
+        raise FormatError(f"layer {name!r} cannot be packed: its quantized weights are not "
+                          "integer codes of their bit depths (are some weights NaN or Inf?). "
+                          "Check that training finished without diverging.")
+    return codes.to(torch.int32).numpy()
+
+
+def encode(model: nn.Module) -> Packed:
+    """Pack `model`'s state as it is (no surgery): see the module docstring for the layout."""
+    state = model.state_dict()
+    layers, floats, float_arrays = [], [], []
+    codes, bits_all, exps_all, masks = [], [], [], []
+    handled: set[str] = set()
+
+    def add_float(key: str, tensor: torch.Tensor) -> None:
+        arr = tensor.detach().cpu().float().contiguous().numpy()
+        floats.append([key, list(arr.shape)])
+        float_arrays.append(arr.reshape(-1))
+
+    by_name = dict(sc_layers(model))
+    for name, layer in by_name.items():
+        prefix = f"{name}." if name else ""
+        live = layer.in_alive.detach().cpu().bool()
+        shape = list(layer.weight.shape)
+        n_live = int(live.sum())
+        layers.append({"name": name, "shape": shape, "quantized": layer.quantized,
+                       "live_inputs": n_live})
+        if n_live < shape[1]:
+            masks.append(np.packbits(live.numpy().astype(np.uint8), bitorder="little"))
+        if layer.quantized:
+            bits = layer.int_bits().cpu()
+            exps = layer.int_exponents().cpu()
+            if bool(((exps.abs() > MAX_EXPONENT) & (bits > 0)).any()):
+                raise FormatError(f"layer {name!r} has an exponent beyond +-{MAX_EXPONENT}; its "
+                                  "weights cannot be stored exactly. The model is degenerate.")
+            codes.append(pack_codes(_codes_of(name, layer, live, bits, exps), bits.numpy()))
+            bits_all.append(bits.numpy().astype(np.uint8))
+            exps_all.append(exps.clamp(-128, 127).numpy().astype(np.int8))
+            handled.update(prefix + k for k in ("weight", "b", "e"))
+        else:
+            add_float(prefix + "weight", layer.weight.detach()[:, live])
+            handled.add(prefix + "weight")
+        if not layer.input_offset.numel():
+            handled.add(prefix + "input_offset")  # empty: the rebuilt model's default
+    for key, tensor in state.items():
+        if key in handled or key.endswith(_FREE_SUFFIXES):
+            continue
+        if not tensor.is_floating_point():
+            raise FormatError(f"tensor {key!r} is {tensor.dtype}; the .scn format stores "
+                              "quantized weights and float tensors only.")
+        add_float(key, tensor)
+
+    def cat(parts, dtype):
+        return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
+    tensors = {"codes": cat(codes, np.uint8), "bits": cat(bits_all, np.uint8),
+               "exponents": cat(exps_all, np.int8), "floats": cat(float_arrays, np.float32)}
+    if masks:
+        tensors["live_inputs"] = cat(masks, np.uint8)
+    return Packed(tensors, layers, floats)
+
+
+def _take(arr: np.ndarray, start: int, n: int, what: str) -> np.ndarray:
+    if start + n > len(arr):
+        raise FormatError(f"the file's {what} tensor is too short for the layers its header "
+                          "lists; the file is corrupt.")
+    return arr[start:start + n]
+
+
+def _check_dtypes(tensors: dict[str, np.ndarray]) -> None:
+    want = {"codes": np.uint8, "bits": np.uint8, "exponents": np.int8, "floats": np.float32,
+            "live_inputs": np.uint8}
+    for name, arr in tensors.items():
+        if name not in want:
+            raise FormatError(f"the file holds a tensor {name!r} that the .scn format does not have.")
+        if arr.dtype != want[name] or arr.ndim != 1:
+            raise FormatError(f"tensor {name!r} is {arr.dtype} of shape {list(arr.shape)}; the "
+                              f".scn format stores it as a flat {np.dtype(want[name])} tensor.")
+    for name in ("codes", "bits", "exponents", "floats"):
+        if name not in tensors:
+            raise FormatError(f"the file lacks the {name!r} tensor; it is not a complete .scn file.")
+
+
+def decode(packed: Packed) -> dict[str, torch.Tensor]:
+    """The state dict a Packed stores (float tensors and full-shape weights, b, e, in_alive).
+
+    Dead inputs come back as zero columns with `in_alive` False; 0-bit channels as zero rows.
+    """
+    t = packed.tensors
+    _check_dtypes(t)
+    state: dict[str, torch.Tensor] = {}
+    pos = {"codes": 0, "bits": 0, "live_inputs": 0, "floats": 0}
+    floats = t["floats"]
+    stored: dict[str, torch.Tensor] = {}
+    for key, shape in packed.floats:
+        n = math.prod(shape)
+        stored[key] = torch.from_numpy(_take(floats, pos["floats"], n, "floats").reshape(shape).copy())
+        pos["floats"] += n
+    if pos["floats"] != len(floats):
+        raise FormatError("the floats tensor is longer than the tensors the header lists; corrupt file.")
+    if len(stored) != len(packed.floats):
+        raise FormatError("the header lists a float tensor twice; the file is corrupt.")
+    for entry in packed.layers:
+        name, shape, n_live = entry["name"], [int(s) for s in entry["shape"]], int(entry["live_inputs"])
+        prefix = f"{name}." if name else ""
+        o, i, kernel = shape[0], shape[1], shape[2:]
+        if not 0 <= n_live <= i or o < 0:
+            raise FormatError(f"layer {name!r}: the header's shape {shape} and live input count "
+                              f"{n_live} are inconsistent; the file is corrupt.")
+        live = torch.ones(i, dtype=torch.bool)
+        if n_live < i:
+            nbytes = -(-i // 8)
+            raw = _take(t.get("live_inputs", np.zeros(0, np.uint8)), pos["live_inputs"], nbytes,
+                        "live_inputs")
+            pos["live_inputs"] += nbytes
+            live = torch.from_numpy(np.unpackbits(raw, count=i, bitorder="little").astype(bool))
+            if int(live.sum()) != n_live:
+                raise FormatError(f"layer {name!r}: its input mask does not match its live input "
+                                  "count; the file is corrupt.")
+        m = n_live * math.prod(kernel)
+        weight = torch.zeros(shape, dtype=torch.float32)
+        if entry["quantized"]:
+            bits = _take(t["bits"], pos["bits"], o, "bits").astype(np.int64)
+            exps = _take(t["exponents"], pos["bits"], o, "exponents").astype(np.int64)
+            pos["bits"] += o
+            if bits.size and int(bits.max()) > MAX_BITS:
+                raise FormatError(f"layer {name!r} has a bit depth of {int(bits.max())}; the .scn "
+                                  f"format allows 0..{MAX_BITS}. The file is corrupt.")
+            nbytes = -(-m * int(bits.sum()) // 8)
+            codes = unpack_codes(_take(t["codes"], pos["codes"], nbytes, "codes"), bits, m)
+            pos["codes"] += nbytes
+            e = torch.from_numpy(exps).float()
+            live_w = torch.from_numpy(codes).float() * torch.exp2(e).view(-1, 1)
+            weight[:, live] = live_w.view(o, n_live, *kernel)
+            state[prefix + "b"] = torch.from_numpy(bits).float()
+            state[prefix + "e"] = e
+        else:
+            part = stored.pop(prefix + "weight", None)
+            if part is None or list(part.shape) != [o, n_live, *kernel]:
+                raise FormatError(f"float layer {name!r} has no weight of shape "
+                                  f"{[o, n_live, *kernel]} in the file; the file is corrupt.")
+            weight[:, live] = part
+        state[prefix + "weight"] = weight
+        state[prefix + "in_alive"] = live
+    for name in ("codes", "bits", "live_inputs"):
+        have = len(t.get(name, ())) if name != "bits" else len(t["bits"])
+        if pos[name] != have or (name == "bits" and len(t["exponents"]) != have):
+            raise FormatError(f"the {name} tensor does not match the layers the header lists; "
+                              "the file is corrupt.")
+    clash = set(stored) & set(state)
+    if clash:
+        raise FormatError(f"the file stores {sorted(clash)[:3]} twice; the file is corrupt.")
+    state.update(stored)
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# The file: serialization, checks, and the public save / load.
+
+
+def input_shape(header: dict) -> tuple[int, ...] | None:
+    """One input's shape (C, H, W): the dataset's, else the model's arguments, else None."""
+    shape = (header.get("dataset") or {}).get("input_shape")
+    if shape:
+        return tuple(int(s) for s in shape)
+    spec = header.get("model") or {}
+    cls = MODELS.get(spec.get("name"))
+    if cls is None:
+        return None
+    kw = {k: p.default for k, p in inspect.signature(cls).parameters.items()}
+    kw.update(spec.get("kwargs") or {})
+    if isinstance(kw.get("in_channels"), int) and isinstance(kw.get("image_size"), int):
+        return (kw["in_channels"], kw["image_size"], kw["image_size"])
+    return None
+
+
+def shrunk_copy(model: nn.Module, shape: tuple[int, ...] | None) -> nn.Module:
+    """A CPU copy of `model` with every removable 0-bit channel and dead input taken out.
+
+    Uses physical channel surgery (outputs unchanged). A model surgery cannot trace is
+    copied as it is: its dead channels are stored at 0 bits and its dead inputs masked.
+    """
+    from scn import surgery  # torch.fx: only needed when saving
+
+    copied = copy.deepcopy(model).cpu()
+    for p in copied.parameters():
+        p.grad = None
+    removable = any(bool((~layer.live_out()).any() or (~layer.in_alive).any())
+                    for _, layer in sc_layers(copied))
+    if removable and shape is not None:  # else surgery would find nothing to do
+        try:
+            graph = surgery.trace(copied, torch.zeros((1, *shape)))
+            surgery.prune(copied, graph, physical=True)
+        except SurgeryError:
+            copied = copy.deepcopy(model).cpu()
+    return copied
+
+
+def _plain(x):
+    """JSON for tensors and arrays a dataset description may hold."""
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    raise TypeError(f"cannot write {type(x).__name__} to the .scn header")
+
+
+def serialize(packed: Packed, header: dict) -> bytes:
+    """The file's bytes: safetensors with the header and the checksum in its metadata."""
+    header = {**header, "layers": packed.layers, "floats": packed.floats}
+    meta = {METADATA_KEY: json.dumps(header, separators=(",", ":"), allow_nan=False, default=_plain),
+            CHECKSUM_KEY: "0" * 64}
+    raw = bytearray(st_save(packed.tensors, metadata=meta))
+    n = int.from_bytes(raw[:8], "little")
+    found = list(_CHECKSUM_RE.finditer(raw, 8, 8 + n))
+    assert len(found) == 1, "safetensors wrote the metadata in an unexpected way"
+    start, end = found[0].span(1)
+    raw[start:end] = hashlib.sha256(raw).hexdigest().encode()
+    return bytes(raw)
+
+
+def _not_scn(name: str, why: str) -> FormatError:
+    return FormatError(f"{name} is not a .scn model file: {why}. Check the path; .scn files are "
+                       "written by scn.save (or a run's model.scn).")
+
+
+def _split(raw: bytes, name: str) -> tuple[int, dict]:
+    """The safetensors header (its length and parsed JSON), with clear errors."""
+    if len(raw) < 8:
+        raise _not_scn(name, f"it is only {len(raw)} bytes long (empty or truncated)")
+    n = int.from_bytes(raw[:8], "little")
+    looks_safetensors = raw[8:9] == b"{"
+    if n > len(raw) - 8:
+        if looks_safetensors:
+            raise FormatError(f"{name} is truncated: its header alone should be {n} bytes but the "
+                              f"file has {len(raw)}. Copy or download it again.")
+        raise _not_scn(name, "it does not start with a safetensors header")
+    try:
+        st_header = json.loads(raw[8:8 + n].decode("utf-8"))
+        if not isinstance(st_header, dict):
+            raise ValueError("not an object")
+    except (UnicodeDecodeError, ValueError) as exc:
+        if looks_safetensors:
+            raise FormatError(f"{name} is corrupt: its safetensors header is not valid JSON "
+                              f"({exc}). Copy or download it again.") from None
+        raise _not_scn(name, "it does not start with a safetensors header") from None
+    return n, st_header
+
+
+def read_header(path: str | Path) -> dict:
+    """The JSON header of a .scn file (format and version checked; data not read or verified)."""
+    name = str(path)
+    return _header_of(_read_head(path), name)[0]
+
+
+def _read_head(path: str | Path) -> bytes:
+    """The first 8 bytes and the safetensors header they announce (at most the whole file)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            return head + f.read(max(min(n, os.fstat(f.fileno()).st_size - 8), 0))
+    except OSError as exc:
+        raise FormatError(f"cannot read {path}: {exc.strerror or exc}.") from None
+
+
+def _header_of(raw: bytes, name: str) -> tuple[dict, int, dict]:
+    n, st_header = _split(raw, name)
+    meta = st_header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or METADATA_KEY not in meta:
+        raise _not_scn(name, "it is a safetensors file without scn's 'scn' metadata")
+    try:
+        header = json.loads(meta[METADATA_KEY])
+        if not isinstance(header, dict):
+            raise ValueError("not an object")
+    except (TypeError, ValueError) as exc:
+        raise FormatError(f"{name} is corrupt: its 'scn' header is not valid JSON ({exc}). "
+                          "Copy or download it again.") from None
+    fmt, version = header.get("format"), header.get("version")
+    if fmt == checkpoint.CHECKPOINT_FORMAT:
+        raise FormatError(f"{name} is a training checkpoint (model.safetensors), not a packed .scn "
+                          "file. Load it with scn.checkpoint.load_checkpoint and pack it with "
+                          "scn.save(model, 'model.scn', header['dataset']).")
+    if fmt != FORMAT:
+        raise _not_scn(name, f"its header names the format {fmt!r}")
+    if version != VERSION:
+        raise FormatError(f"{name} is version {version!r} of the .scn format; this scn reads "
+                          f"version {VERSION}. Use the scn release that wrote it (or upgrade scn); "
+                          "if the file should be version 1, it is corrupt.")
+    return header, n, st_header
+
+
+def parse(raw: bytes, name: str = "the data") -> tuple[dict, Packed]:
+    """Check a whole file held in memory and split it into its header and Packed contents."""
+    header, n, st_header = _header_of(raw, name)
+    try:
+        end = max([int(v["data_offsets"][1]) for k, v in st_header.items() if k != "__metadata__"],
+                  default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise FormatError(f"{name} is corrupt: its safetensors header is malformed.") from None
+    if 8 + n + end > len(raw):
+        raise FormatError(f"{name} is truncated: it should be {8 + n + end} bytes but has "
+                          f"{len(raw)}. Copy or download it again.")
+    found = list(_CHECKSUM_RE.finditer(raw, 8, 8 + n))
+    if len(found) != 1:
+        raise FormatError(f"{name} is corrupt: its checksum ({CHECKSUM_KEY}) is missing or "
+                          "damaged. Copy or download it again.")
+    start, stop = found[0].span(1)
+    blank = raw[:start] + b"0" * 64 + raw[stop:]
+    if hashlib.sha256(blank).hexdigest().encode() != raw[start:stop]:
+        raise FormatError(f"{name} is corrupt: its contents do not match their SHA-256 checksum "
+                          "(a damaged or edited file). Copy or download it again.")
+    try:
+        tensors = st_load(bytes(raw))
+    except Exception as exc:  # safetensors raises several types; the user needs one message
+        raise FormatError(f"{name} is corrupt: safetensors cannot read its tensors ({exc}).") from None
+    _check_dtypes(tensors)
+    try:
+        layers, floats = header["layers"], header["floats"]
+        if not (isinstance(layers, list) and isinstance(floats, list)):
+            raise TypeError("layers and floats must be lists")
+        for entry in layers:
+            shape = [int(s) for s in entry["shape"]]
+            if not isinstance(entry["name"], str) or not isinstance(entry["quantized"], bool):
+                raise TypeError("a layer's name must be a string and quantized a boolean")
+            if len(shape) not in (2, 4) or min(shape) < 0 or math.prod(shape) > _MAX_ELEMENTS:
+                raise ValueError(f"implausible layer shape {shape}")
+            if not 0 <= int(entry["live_inputs"]) <= shape[1]:
+                raise ValueError(f"live_inputs {entry['live_inputs']} outside 0..{shape[1]}")
+        floats = [[str(k), [int(s) for s in shape]] for k, shape in floats]
+        if any(min(shape, default=0) < 0 for _, shape in floats):
+            raise ValueError("a negative dimension in the floats table")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FormatError(f"{name}: the header's layer tables are malformed ({exc}); the file "
+                          "was not written by scn or is corrupt.") from None
+    return header, Packed(tensors, layers, floats)
+
+
+def save(model: nn.Module, path: str | Path, dataset: dict | None = None) -> int:
+    """Write `model` as a packed .scn file (atomically); returns the file's size in bytes.
+
+    `model` must come from `scn.models.build` and `scn.quantize_` (the file names the model,
+    it never holds code). `dataset` is the dataset's description (an Experiment's
+    `dataset_info()`: name, classes, input_shape, mean, std), recorded for scn-eval.
+    """
+    raw = to_bytes(model, dataset)
+    io.write_bytes(path, raw)
+    return len(raw)
+
+
+def to_bytes(model: nn.Module, dataset: dict | None = None) -> bytes:
+    """The .scn file of `model`, in memory (what `save` writes)."""
+    header = {"format": FORMAT, "version": VERSION, **checkpoint.describe(model, dataset)}
+    return serialize(encode(shrunk_copy(model, input_shape(header))), header)
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the model a .scn file holds; returns (model in eval mode, header)."""
+    name = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise FormatError(f"cannot read {name}: {exc.strerror or exc}.") from None
+    header, packed = parse(raw, name)
+    state = decode(packed)
+    try:
+        model = checkpoint.rebuild(header, {k: tuple(v.shape) for k, v in state.items()})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FormatError(f"{name}: its header does not describe a model scn can build ({exc}).") from None
+    for layer_name, layer in sc_layers(model):
+        kernel = tuple(getattr(layer, "kernel_size", ()))
+        if tuple(layer.weight.shape[2:]) != kernel:
+            raise FormatError(f"{name}: layer {layer_name!r} is stored with kernel "
+                              f"{list(layer.weight.shape[2:])} but the model has {list(kernel)}; "
+                              "the file is corrupt.")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith(("num_batches_tracked", "input_offset"))]
+    if missing:
+        raise FormatError(f"{name} lacks tensors the model needs ({missing[:4]}); the file is corrupt.")
+    try:
+        model.load_state_dict({**own, **state}, strict=True)
+    except RuntimeError as exc:
+        raise FormatError(f"{name}: its tensors do not fit the model its header names ({exc}).") from None
+    model.eval()
+    shape = input_shape(header)
+    if shape is not None:
+        try:
+            with torch.no_grad():
+                model(torch.zeros((1, *shape)))
+        except (RuntimeError, ValueError) as exc:
+            raise FormatError(f"{name}: the stored shapes do not make a working model ({exc}); "
+                              "the file is corrupt.") from None
+    return model.to(device), header
+
+
+def file_stats(path: str | Path) -> dict:
+    """Where a .scn file's bytes go: payload (codes), meta (bits, exponents), floats, the rest."""
+    raw = _read_head(path)
+    size = Path(path).stat().st_size
+    _, _, st_header = _header_of(raw, str(path))
+
+    def nbytes(key: str) -> int:
+        entry = st_header.get(key)
+        return int(entry["data_offsets"][1]) - int(entry["data_offsets"][0]) if entry else 0
+
+    parts = {"payload_bytes": nbytes("codes"),
+             "meta_bytes": nbytes("bits") + nbytes("exponents"),
+             "float_bytes": nbytes("floats"), "mask_bytes": nbytes("live_inputs")}
+    return {"file_bytes": size, **parts, "overhead_bytes": size - sum(parts.values())}
+
+
+__all__ = ["FORMAT", "VERSION", "Packed", "decode", "encode", "file_stats", "load", "pack_codes",
+           "parse", "read_header", "save", "serialize", "shrunk_copy", "unpack_codes"]

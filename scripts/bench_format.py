@@ -1,0 +1,130 @@
+"""The .scn format on trained models: file size against the ideal size and float32, save/load time.
+
+For each run folder (default: the Fashion-MNIST benchmark's, outputs/bench/fashion_mnist/
+<method>/ for none, fixed8, fixed4 and self_compress) it loads model.safetensors, saves the
+model as .scn, and compares the file with the size accounting (ideal bytes = total bits / 8)
+and with float32; save and load times are medians of --repeat runs. Writes format.json and
+format.png to --out (default docs/results).
+
+    python scripts/bench_format.py                                  # the committed numbers
+    python scripts/bench_format.py RUN_DIR [RUN_DIR ...] --out /tmp/fmt  # other runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from scn import checkpoint, io, size  # noqa: E402
+from scn import format as scn_format  # noqa: E402
+from scn.experiment import machine  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("none", "fixed8", "fixed4", "self_compress")
+DEFAULT_RUNS = ROOT / "outputs/bench/fashion_mnist"
+
+
+def timed(fn, repeat: int) -> tuple[float, object]:
+    """Median wall time of `repeat` calls, and the last call's result."""
+    times, result = [], None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def measure(run_dir: Path, method: str, repeat: int, workdir: Path) -> dict:
+    model, header = checkpoint.load_checkpoint(run_dir / "model.safetensors")
+    path = workdir / f"{method}.scn"
+    save_s, file_bytes = timed(lambda: scn_format.save(model, path, header.get("dataset")), repeat)
+    load_s, (loaded, _) = timed(lambda: scn_format.load(path), repeat)
+    rep = size.report(model)  # the trained model as the accounting counts it
+    stats = scn_format.file_stats(path)
+    return {
+        "method": method,
+        "run_dir": str(run_dir.resolve().relative_to(ROOT)) if run_dir.resolve().is_relative_to(ROOT)
+        else str(run_dir),
+        "file_bytes": file_bytes,
+        "ideal_bytes": rep.ideal_bytes,
+        "payload_bytes": stats["payload_bytes"],
+        "payload_ideal_bytes": rep.payload_ideal_bytes,
+        "float32_bytes": rep.float32_bytes,
+        "float_bytes": stats["float_bytes"],
+        "meta_bytes": stats["meta_bytes"],
+        "overhead_bytes": stats["overhead_bytes"],
+        "bits_per_weight": rep.bits_per_weight,
+        "file_bits_per_weight": 8 * file_bytes / rep.reference_scalars,
+        "file_vs_ideal": file_bytes / rep.ideal_bytes,
+        "compression_vs_float32": rep.float32_bytes / file_bytes,
+        "save_s": save_s,
+        "load_s": load_s,
+    }
+
+
+def plot(results: list[dict], path: Path) -> None:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    names = [r["method"] for r in results]
+    x = range(len(results))
+    width = 0.27
+    for i, (key, label) in enumerate([("float32_bytes", "float32"), ("ideal_bytes", "ideal (bits / 8)"),
+                                      ("file_bytes", ".scn file")]):
+        a.bar([j + (i - 1) * width for j in x], [r[key] for r in results], width, label=label)
+    for j, r in zip(x, results, strict=True):
+        a.annotate(f"{r['file_vs_ideal']:.3f}x\nideal", (j + width, r["file_bytes"]), ha="center",
+                   va="bottom", fontsize=7, textcoords="offset points", xytext=(0, 2))
+    a.set_xticks(list(x), names)
+    a.set(yscale="log", ylabel="bytes (log scale)", title="model size: float32, ideal, .scn file",
+          ylim=(None, 2.5 * max(max(r["file_bytes"], r["float32_bytes"]) for r in results)))
+    a.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3, fontsize=8)
+    a.grid(alpha=0.3, axis="y", which="both")
+    b.bar([j - width / 2 for j in x], [r["save_s"] * 1000 for r in results], width, label="save")
+    b.bar([j + width / 2 for j in x], [r["load_s"] * 1000 for r in results], width, label="load")
+    b.set_xticks(list(x), names)
+    b.set(ylabel="milliseconds (median)", title="save and load time")
+    b.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, fontsize=8)
+    fig.tight_layout()
+    io.atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="*", type=Path,
+                        help=f"run folders holding model.safetensors (default: {DEFAULT_RUNS}/<method>)")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs/results")
+    parser.add_argument("--repeat", type=int, default=5, help="timings are medians of this many runs")
+    args = parser.parse_args(argv)
+    runs = [(p.name, p) for p in args.runs] or [(m, DEFAULT_RUNS / m) for m in METHODS]
+    missing = [str(p) for _, p in runs if not (p / "model.safetensors").is_file()]
+    if missing:
+        print(f"bench_format: error: no model.safetensors in {', '.join(missing)}; run "
+              "scripts/bench_fashion_mnist.py first, or name run folders.", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        results = [measure(p, method, args.repeat, Path(tmp)) for method, p in runs]
+    command = "python scripts/bench_format.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    io.write_json(args.out / "format.json",
+                  {"command": command.strip(), "machine": machine(), "results": results})
+    plot(results, args.out / "format.png")
+    for r in results:
+        print(f"{r['method']:>14}: file {r['file_bytes']:>9,} B  ideal {r['ideal_bytes']:>11,.1f} B "
+              f"({r['file_vs_ideal']:.3f}x)  payload {r['payload_bytes']:>8,} / "
+              f"{r['payload_ideal_bytes']:,.1f} B  "
+              f"float32 {r['float32_bytes']:>9,} B ({r['compression_vs_float32']:.1f}x smaller)  "
+              f"save {r['save_s'] * 1000:.1f} ms  load {r['load_s'] * 1000:.1f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
