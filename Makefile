@@ -9,7 +9,9 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: install data run test lint bench bench-format bench-removal clean
+CIFAR10 ?= ../shared/data/cifar10-jpeg
+
+.PHONY: install data run test lint bench bench-format bench-removal bench-cifar10 bench-pareto figures clean
 
 install: $(VENV)/.installed data
 
@@ -36,8 +38,24 @@ test: install lint
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check scn tests scripts
 
+# Benchmarks write docs/results/; finished runs under outputs/bench/ are reused (resumable).
 bench: install
 	$(PY) scripts/bench_fashion_mnist.py
+
+bench-format: bench
+	$(PY) scripts/bench_format.py
+
+bench-removal: install
+	$(PY) scripts/bench_removal.py
+
+bench-cifar10: install
+	$(PY) scripts/bench_cifar10.py dataset.root=$(CIFAR10)
+
+bench-pareto: install
+	$(PY) scripts/bench_pareto.py
+
+figures: install
+	$(PY) scripts/paper_figures.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -42,13 +42,28 @@ def describe(model: nn.Module, dataset: dict | None = None) -> dict:
     }
 
 
-def rebuild(header: dict, shapes: dict[str, tuple[int, ...]]) -> nn.Module:
-    """Build the model a header describes, with every tensor resized to `shapes`."""
+def rebuild(header: dict, shapes: dict[str, tuple[int, ...]],
+            max_scalars: int | None = None) -> nn.Module:
+    """Build the model a header describes, with every tensor resized to `shapes`.
+
+    With `max_scalars`, a model holding more parameters and buffers than that is refused
+    before anything is allocated (counted on the meta device): a damaged or hostile header
+    must not make scn allocate gigabytes.
+    """
     try:
         spec, scheme = header["model"], Scheme(**header["scheme"])
+        if max_scalars is not None:
+            with torch.device("meta"):
+                probe = build(spec["name"], **spec["kwargs"])
+            scalars = sum(t.numel() for t in (*probe.parameters(), *probe.buffers()))
+            if scalars > max_scalars:
+                raise FormatError(f"the file's header describes a model of {scalars:,} values, far "
+                                  "more than the file can hold; the file is corrupt.")
         model = build(spec["name"], **spec["kwargs"])
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, RuntimeError, OverflowError) as exc:
         raise FormatError(f"the file's header does not describe a model scn can build ({exc})") from exc
+    except FormatError:
+        raise
     except ScnError as exc:
         raise FormatError(f"the file's header describes a model scn cannot build: {exc}") from exc
     quantize_(model, scheme)
@@ -109,6 +124,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, d
         state = load_file(str(path), device=device)
     except (SafetensorError, OSError) as exc:
         raise FormatError(f"{path}: the tensor data is unreadable ({exc}).") from exc
-    model = rebuild(header, {k: tuple(v.shape) for k, v in state.items()})
+    model = rebuild(header, {k: tuple(v.shape) for k, v in state.items()},
+                    max_scalars=max(1 << 24, 1024 * Path(path).stat().st_size))
     model.load_state_dict(state, strict=True)
     return model.eval(), header

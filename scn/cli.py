@@ -11,12 +11,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from scn import aggregate, experiment
-from scn.errors import ConfigError, DataError, ScnError
+from scn import aggregate, config, experiment, models
+from scn.errors import ConfigError, DataError, NumericalError, ScnError
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+GROUPS = ("dataset", "model", "quant", "size_loss", "trainer")
+# Every top-level key configs/train.yaml composes; anything else is a typo (e.g. +colour=red).
+TOP_LEVEL = {"seed": int, "resume": bool}
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -24,8 +27,36 @@ def fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+def _check_node(cfg: DictConfig, key: str) -> None:
+    """Keys and value types of group `key`, checked against what its _target_ accepts."""
+    node = cfg[key]
+    missing = sorted(OmegaConf.missing_keys(node))
+    if missing:
+        name = missing[0] if missing[0].startswith(f"{key}.") else f"{key}.{missing[0]}"
+        raise ConfigError(f"{name} is required and was not given: add {name}=VALUE to the "
+                          "command line.")
+    try:
+        values = OmegaConf.to_container(node, resolve=True)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"the {key} config cannot be resolved: {exc}".rstrip(".") + ".") from None
+    target = config.locate(values.get("_target_"))
+    if target is None:
+        return  # an unknown _target_: instantiate names it
+    if target is not models.build:
+        config.check_arguments(target, values, key)
+        return
+    # build(name, **kwargs) hands the other keys to the model class `name` names.
+    name = values.get("name")
+    if name not in models.MODELS:
+        raise config.invalid(f"{key}.name", name, "one of " + ", ".join(sorted(models.MODELS)))
+    config.check_arguments(models.MODELS[name], values, key, extra=("name",),
+                           supplied=("in_channels", "num_classes", "image_size"))
+
+
 def _instantiate(cfg: DictConfig, key: str, **kwargs):
-    """Instantiate group `key`, turning Hydra's wrapped errors back into a one-line reason."""
+    """Instantiate group `key` after checking it, turning Hydra's wrapped errors back into a
+    one-paragraph reason."""
+    _check_node(cfg, key)
     try:
         return instantiate(cfg[key], **kwargs)
     except MissingMandatoryValue as exc:
@@ -39,13 +70,23 @@ def _instantiate(cfg: DictConfig, key: str, **kwargs):
                           f"(python -m scn.cli --cfg job shows the composed config).") from None
 
 
+def _check_top_level(cfg: DictConfig) -> None:
+    for key in cfg:
+        if key not in GROUPS and key not in TOP_LEVEL:
+            valid = ", ".join(sorted([*GROUPS, *TOP_LEVEL]))
+            raise ConfigError(f"{key}={config.show(cfg[key])} is not a setting: the config has no top-level "
+                              f"key {key!r}. Its valid keys are {valid}.")
+    for key, kind in TOP_LEVEL.items():
+        if key in cfg:
+            config.check_value(key, cfg[key], kind)
+
+
 def build_experiment(cfg: DictConfig) -> experiment.Experiment:
     """Validate the cheap groups first, so a typo fails before any data is read."""
+    _check_top_level(cfg)
     trainer = _instantiate(cfg, "trainer")
     scheme = _instantiate(cfg, "quant")
     schedule = _instantiate(cfg, "size_loss")
-    if not isinstance(cfg.get("seed"), int):
-        raise ConfigError(f"seed={cfg.get('seed')!r} must be an integer.")
     model = _instantiate(cfg, "model")
     data = _instantiate(cfg, "dataset")
     exp = experiment.Experiment(
@@ -83,17 +124,36 @@ def train_main(cfg: DictConfig) -> float | None:
               "bits/weight); not training it again. Remove the folder to re-run it.")
         return _objective(done)
     try:
-        summary = experiment.run(exp, run_dir)
+        summary = experiment.run(exp, run_dir, resume=cfg.get("resume", False), notify=_notice)
     except ScnError as exc:
-        message = f"{exc} (the run folder {run_dir} keeps what was finished.)"
+        message = f"{exc} ({_what_is_kept(run_dir, exc)})"
         if multirun:  # a sweep goes on with its other runs
             print(f"scn: error: {message}", file=sys.stderr)
             return None
         return fail(message, code=1)
+    except KeyboardInterrupt:
+        if multirun:
+            raise  # Ctrl-C stops the whole sweep
+        return fail(f"interrupted ({_what_is_kept(run_dir, None)})", code=130)
     print(f"\nscn: finished: test accuracy {summary['test_accuracy']:.2f}% at "
           f"{summary['bits_per_weight']:.3f} bits/weight ({summary['float_bits_pct']:.2f}% of "
           f"float32), {summary['weights_left_pct']:.1f}% of weights left. Run folder: {run_dir}")
     return _objective(summary)
+
+
+def _notice(message: str) -> None:
+    print(f"scn: {message}", file=sys.stderr)
+
+
+def _what_is_kept(run_dir: Path, exc: Exception | None) -> str:
+    step = (experiment.read_summary(run_dir) or {}).get("checkpoint_step")
+    if step is None:
+        return f"the run folder {run_dir} keeps what was finished."
+    if isinstance(exc, NumericalError):  # resuming would diverge again: nothing to suggest
+        return (f"the run folder {run_dir} keeps what was finished, and its last good training "
+                f"checkpoint, of step {step}.")
+    return (f"the run folder {run_dir} keeps what was finished, and its last training checkpoint, "
+            f"of step {step}: add resume=true to the same command to continue from it.")
 
 
 def _objective(summary: dict) -> float | tuple[float, float]:

@@ -7,6 +7,10 @@ The run folder (every file written atomically):
     curves.png         accuracy vs bits/weight, bits and accuracy over steps, channels left
     model.safetensors  the trained (shrunk) model with float weights, b and e; reloadable
     model.scn          the same model packed: each channel's codes at its own bit depth
+    checkpoint/train_state.safetensors   the training state, for resuming (scn.resume)
+
+A killed run continues with `run(exp, run_dir, resume=True)` (scn-train ... resume=true): from
+its last training checkpoint, to the same result, the CSVs cut back to the checkpoint's rows.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ import torch
 
 from scn import checkpoint, io, report, size
 from scn import format as scn_format
+from scn import resume as train_state
 from scn.data import ImageData
 from scn.errors import ScnError
 from scn.quant import Scheme, quantize_
-from scn.train import TrainConfig, TrainResult, train
+from scn.train import TrainConfig, Trainer, TrainResult, learns_bits
 
 SUMMARY_KEYS = ("test_accuracy", "bits_per_weight", "float_bits_pct", "weights_left_pct",
                 "param_count", "wall_time_s", "status")
@@ -62,17 +67,43 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads"
 
 
-# Keys that change nothing about the result: a run differing only in these is the same run.
-_HASH_IGNORED = {("trainer", "progress"), ("trainer", "log_every")}
+# Keys that change nothing about the result: a run differing only in these is the same run
+# (`resume` and checkpoint_every included: a resumed run ends exactly as an uninterrupted one).
+_HASH_IGNORED = {("trainer", "progress"), ("trainer", "log_every"), ("trainer", "checkpoint_every")}
+_HASH_IGNORED_TOP = {"hydra", "resume"}
+
+
+def _hashed(config: dict | None) -> dict:
+    """The part of a resolved config that decides the result."""
+    return {k: ({kk: vv for kk, vv in v.items() if (k, kk) not in _HASH_IGNORED}
+                if isinstance(v, dict) else v)
+            for k, v in (config or {}).items() if k not in _HASH_IGNORED_TOP}
 
 
 def config_hash(config: dict | None) -> str:
     """A short fingerprint of a resolved config, for recognising a run already done."""
-    clean = {k: ({kk: vv for kk, vv in v.items() if (k, kk) not in _HASH_IGNORED}
-                 if isinstance(v, dict) else v)
-             for k, v in (config or {}).items() if k != "hydra"}
-    text = json.dumps(clean, sort_keys=True, default=str)
+    text = json.dumps(_hashed(config), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def config_changes(old: dict | None, new: dict | None, limit: int = 5) -> list[str]:
+    """The keys whose values differ between two configs ("trainer.lr: 0.003 -> 0.01")."""
+    a, b = _flat(_hashed(old)), _flat(_hashed(new))
+    changed = [k for k in sorted(set(a) | set(b)) if a.get(k, _UNSET) != b.get(k, _UNSET)]
+    return [f"{k}: {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in changed[:limit]]
+
+
+_UNSET = object()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def read_summary(run_dir: str | Path) -> dict | None:
@@ -90,13 +121,17 @@ def finished_summary(run_dir: str | Path, digest: str) -> dict | None:
     return None
 
 
-def run(exp: Experiment, run_dir: str | Path) -> dict:
+def run(exp: Experiment, run_dir: str | Path, resume: bool = False,
+        notify: Callable[[str], None] | None = None) -> dict:
     """Train and write the run folder; returns the summary. Failures leave a 'failed' summary.
 
     A folder that already holds a finished run is never overwritten: the same config returns
-    its summary (a re-launched sweep skips it), a different config is an error.
+    its summary (a re-launched sweep skips it), a different config is an error. With `resume`,
+    training continues from the folder's training checkpoint when it has one (of the same
+    config: else an error); `notify` receives one-line notices (resuming, starting afresh).
     """
     run_dir = Path(run_dir)
+    notify = notify or (lambda message: None)
     digest = config_hash(exp.config)
     previous = read_summary(run_dir)
     if previous and previous.get("status") == "finished":
@@ -104,11 +139,65 @@ def run(exp: Experiment, run_dir: str | Path) -> dict:
             return previous
         raise ScnError(f"{run_dir} already holds a finished run of another config; scn never "
                        "overwrites a finished run. Choose another folder (hydra.run.dir=...).")
+    state = _starting_state(exp, run_dir, digest, resume, notify)
+    try:
+        return _run(exp, run_dir, digest, state)
+    except OSError as exc:  # a full disk, a folder gone: say which file, keep the traceback out
+        kept = train_state.path_in(run_dir)
+        raise ScnError(f"writing the run folder failed: {exc.strerror or exc}"
+                       f"{f' ({exc.filename})' if exc.filename else ''}. "
+                       + (f"The last training checkpoint ({kept}) is intact: free space and rerun "
+                          "with resume=true to continue." if kept.exists() else "")) from exc
+
+
+def _starting_state(exp: Experiment, run_dir: Path, digest: str, resume: bool,
+                    notify: Callable[[str], None]) -> train_state.State | None:
+    """The training checkpoint to continue from, or None to start at step 0."""
+    path = train_state.path_in(run_dir)
+    for folder in (run_dir, path.parent):  # what a kill during a write left behind
+        io.remove_temporaries(folder)
+    if not path.exists():
+        if resume:
+            notify(f"resume=true but {run_dir} holds no training checkpoint: starting from step 0.")
+        return None
+    state = train_state.load(path)
+    if not resume:
+        notify(f"{run_dir} holds the training checkpoint of an unfinished run (step {state.step}); "
+               "starting from step 0 as resume=false, which replaces it. Add resume=true to "
+               "continue it instead.")
+        path.unlink()
+        return None
+    if state.meta.get("config_hash") != digest:
+        changes = "; ".join(config_changes(state.meta.get("config"), exp.config)) or "unknown keys"
+        raise ScnError(f"the training checkpoint in {run_dir} belongs to a run of another config "
+                       f"({changes}), and a resumed run must use the same settings. Resume with "
+                       "the original overrides, or start a new run in another folder "
+                       "(hydra.run.dir=...).")
+    notify(f"resuming {run_dir} from its training checkpoint at step {state.step} of "
+           f"{state.meta['total_steps']}.")
+    return state
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    if rows:
+        report.write_csv(path, rows)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _run(exp: Experiment, run_dir: Path, digest: str, state: train_state.State | None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
-    model = exp.build_model()
-    history: list[dict] = []
-    steps: list[dict] = []
+    model = train_state.build_model(state) if state else exp.build_model()
+    rows = state.meta["rows"] if state else {"metrics": [], "train_log": []}
+    history: list[dict] = rows["metrics"]
+    steps: list[dict] = rows["train_log"]
+    resumes = [*state.meta.get("resumes", []), state.step] if state else []
+    saved = {"step": state.step if state else None}
     started = time.time()
+    if state:  # the CSVs hold exactly the checkpoint's rows, as an uninterrupted run's would
+        _write_rows(run_dir / "metrics.csv", history)
+        _write_rows(run_dir / "train_log.csv", steps)
+        report.plot_curves(history, run_dir / "curves.png", title=_title(exp))
 
     def on_eval(row: dict) -> None:
         # The real size of the packed file at this point (encoded in memory, ~0.1 s).
@@ -117,26 +206,41 @@ def run(exp: Experiment, run_dir: str | Path) -> dict:
         report.write_csv(run_dir / "metrics.csv", history)
         report.plot_curves(history, run_dir / "curves.png", title=_title(exp))
 
-    def on_steps(rows: list[dict]) -> None:
-        steps.extend(rows)
+    def on_steps(new_rows: list[dict]) -> None:
+        steps.extend(new_rows)
         report.write_csv(run_dir / "train_log.csv", steps)
+
+    def on_checkpoint(trainer: Trainer) -> None:
+        snapshot = train_state.capture(trainer, exp.dataset_info(), config_hash=digest,
+                                       config=exp.config, resumes=resumes,
+                                       rows={"metrics": history, "train_log": steps})
+        train_state.save(train_state.path_in(run_dir), snapshot)
+        saved["step"] = trainer.step
 
     base = {"status": "running", "config_hash": digest, "config": exp.config, "machine": machine()}
     io.write_json(run_dir / "summary.json", base)
     try:
-        result = train(model, exp.data, exp.trainer, exp.schedule, seed=exp.seed,
-                       on_eval=on_eval, on_steps=on_steps)
+        trainer = Trainer(model, exp.data, exp.trainer, exp.schedule, learns_bits(model), exp.seed)
+        if state:
+            train_state.restore(trainer, state)
+        result = trainer.run(on_eval=on_eval, on_steps=on_steps, on_checkpoint=on_checkpoint)
+        checkpoint.save_checkpoint(model, run_dir / "model.safetensors", exp.dataset_info())
+        file_bytes = scn_format.save(model, run_dir / "model.scn", exp.dataset_info())
     except BaseException as exc:  # a failure must still leave an honest summary behind
         failed = {**base, "status": "failed", "error": str(exc) or type(exc).__name__,
-                  "wall_time_s": time.time() - started, "history_rows": len(history)}
+                  "wall_time_s": time.time() - started, "history_rows": len(history),
+                  "checkpoint_step": saved["step"]}
         if history:
             failed.update({f"last_{k}": v for k, v in history[-1].items() if not k.startswith("channels/")})
-        io.write_json(run_dir / "summary.json", failed)
+        try:
+            io.write_json(run_dir / "summary.json", failed)
+        except OSError:
+            pass  # the disk that failed the run may refuse this too; the error says why
         raise
-    checkpoint.save_checkpoint(model, run_dir / "model.safetensors", exp.dataset_info())
-    file_bytes = scn_format.save(model, run_dir / "model.scn", exp.dataset_info())
     summary = _summary(exp, model, result, base)
     summary["file_bytes"] = file_bytes
+    if resumes:
+        summary["resumed_at_steps"] = resumes
     io.write_json(run_dir / "summary.json", summary)
     return summary
 

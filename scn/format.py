@@ -63,6 +63,12 @@ _FREE_SUFFIXES = ("in_alive", "num_batches_tracked")  # never stored (as in scn.
 _CHECKSUM_RE = re.compile(rb'"scn_sha256"\s*:\s*"([0-9a-f]{64})"')
 _PLANES = np.arange(16)
 _MAX_ELEMENTS = 1 << 32  # no layer of a real model comes near; a larger one is a damaged header
+# Sizes a file's bytes can plausibly describe, checked before anything is allocated: decoded
+# tensors (a real file stores >= 1 bit per weight of all but a few channels: 8 per byte, with
+# room to spare) and the full model its header names (before surgery removed channels).
+_ELEMENTS_PER_BYTE, _MIN_ELEMENTS = 256, 1 << 22
+_SCALARS_PER_BYTE, _MIN_SCALARS = 1024, 1 << 24
+_MAX_INPUT_ELEMENTS = 1 << 22  # one input image (C*H*W) for the load-time check
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,7 +375,7 @@ def _split(raw: bytes, name: str) -> tuple[int, dict]:
         st_header = json.loads(raw[8:8 + n].decode("utf-8"))
         if not isinstance(st_header, dict):
             raise ValueError("not an object")
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         if looks_safetensors:
             raise FormatError(f"{name} is corrupt: its safetensors header is not valid JSON "
                               f"({exc}). Copy or download it again.") from None
@@ -403,7 +409,7 @@ def _header_of(raw: bytes, name: str) -> tuple[dict, int, dict]:
         header = json.loads(meta[METADATA_KEY])
         if not isinstance(header, dict):
             raise ValueError("not an object")
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise FormatError(f"{name} is corrupt: its 'scn' header is not valid JSON ({exc}). "
                           "Copy or download it again.") from None
     fmt, version = header.get("format"), header.get("version")
@@ -460,6 +466,10 @@ def parse(raw: bytes, name: str = "the data") -> tuple[dict, Packed]:
         floats = [[str(k), [int(s) for s in shape]] for k, shape in floats]
         if any(min(shape, default=0) < 0 for _, shape in floats):
             raise ValueError("a negative dimension in the floats table")
+        elements = sum(math.prod(int(s) for s in e["shape"]) for e in layers)
+        elements += sum(math.prod(shape) for _, shape in floats)
+        if elements > max(_MIN_ELEMENTS, _ELEMENTS_PER_BYTE * len(raw)):
+            raise ValueError(f"{elements} elements are far more than {len(raw)} bytes can hold")
     except (KeyError, TypeError, ValueError) as exc:
         raise FormatError(f"{name}: the header's layer tables are malformed ({exc}); the file "
                           "was not written by scn or is corrupt.") from None
@@ -494,7 +504,8 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Modul
     header, packed = parse(raw, name)
     state = decode(packed)
     try:
-        model = checkpoint.rebuild(header, {k: tuple(v.shape) for k, v in state.items()})
+        model = checkpoint.rebuild(header, {k: tuple(v.shape) for k, v in state.items()},
+                                   max_scalars=max(_MIN_SCALARS, _SCALARS_PER_BYTE * len(raw)))
     except (KeyError, TypeError, ValueError) as exc:
         raise FormatError(f"{name}: its header does not describe a model scn can build ({exc}).") from None
     for layer_name, layer in sc_layers(model):
@@ -512,7 +523,14 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Modul
     except RuntimeError as exc:
         raise FormatError(f"{name}: its tensors do not fit the model its header names ({exc}).") from None
     model.eval()
-    shape = input_shape(header)
+    try:
+        shape = input_shape(header)
+        if shape is not None and (len(shape) != 3 or min(shape) <= 0
+                                  or math.prod(shape) > _MAX_INPUT_ELEMENTS):
+            raise ValueError(f"implausible input shape {list(shape)}")
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise FormatError(f"{name}: the header's dataset description is malformed ({exc}); the "
+                          "file is corrupt.") from None
     if shape is not None:
         try:
             with torch.no_grad():
@@ -533,9 +551,12 @@ def file_stats(path: str | Path) -> dict:
         entry = st_header.get(key)
         return int(entry["data_offsets"][1]) - int(entry["data_offsets"][0]) if entry else 0
 
-    parts = {"payload_bytes": nbytes("codes"),
-             "meta_bytes": nbytes("bits") + nbytes("exponents"),
-             "float_bytes": nbytes("floats"), "mask_bytes": nbytes("live_inputs")}
+    try:
+        parts = {"payload_bytes": nbytes("codes"),
+                 "meta_bytes": nbytes("bits") + nbytes("exponents"),
+                 "float_bytes": nbytes("floats"), "mask_bytes": nbytes("live_inputs")}
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise FormatError(f"{path} is corrupt: its safetensors header is malformed.") from None
     return {"file_bytes": size, **parts, "overhead_bytes": size - sum(parts.values())}
 
 

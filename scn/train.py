@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from scn import size, surgery
+from scn import config, size, surgery
 from scn.data import ImageData, batches
 from scn.errors import ConfigError, NumericalError
 from scn.quant import quant_parameters, sc_layers, weight_parameters
@@ -41,31 +41,28 @@ class TrainConfig:
     eval_every: int = 0  # steps between test evaluations; 0 = once per epoch
     log_every: int = 25  # steps between progress-bar updates (a host-device sync on GPU)
     surgery: str = "physical"  # physical: remove dead channels; masked: only mask them; off
-    prune_every: int = 200  # steps between surgeries
+    prune_every: int = 200  # steps between surgeries; 0 = no surgery (as surgery=off)
+    checkpoint_every: int = 500  # steps between training checkpoints (resume); 0 = at the end only
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
     amp: bool = True  # bf16 autocast on CUDA (CPU always runs float32)
     channels_last: bool = True
     compile: bool = False  # torch.compile the model (re-compiled after each surgery)
     progress: bool = True
 
+    # Valid ranges and choices (a class attribute, not a field). scn.config checks them with
+    # the field types here and, from the command line, before anything is built.
+    LIMITS = {
+        "max_epochs": config.POSITIVE, "max_steps": config.NON_NEGATIVE,
+        "batch_size": config.POSITIVE, "lr": config.NON_NEGATIVE,
+        "lr_quant": config.NON_NEGATIVE, "weight_decay": config.NON_NEGATIVE,
+        "warmup": config.Range(0, 1, high_open=True), "eval_every": config.NON_NEGATIVE,
+        "log_every": config.POSITIVE, "surgery": SURGERY_MODES,
+        "prune_every": config.NON_NEGATIVE, "checkpoint_every": config.NON_NEGATIVE,
+    }
+
     def __post_init__(self) -> None:
-        positive = {"max_epochs": self.max_epochs, "batch_size": self.batch_size,
-                    "log_every": self.log_every}
-        for key, value in positive.items():
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"trainer.{key}={value!r} must be a positive integer.")
-        for key in ("max_steps", "eval_every", "prune_every"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value < 0:
-                raise ConfigError(f"trainer.{key}={value!r} must be an integer >= 0.")
-        for key in ("lr", "lr_quant", "weight_decay"):
-            value = getattr(self, key)
-            if not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
-                raise ConfigError(f"trainer.{key}={value!r} must be a finite number >= 0.")
-        if not 0 <= self.warmup < 1:
-            raise ConfigError(f"trainer.warmup={self.warmup!r} must be a fraction in [0, 1).")
-        if self.surgery not in SURGERY_MODES:
-            raise ConfigError(f"trainer.surgery={self.surgery!r} is not one of {', '.join(SURGERY_MODES)}.")
+        config.validate(self, "trainer", self.LIMITS)
+        pick_device(self.device)  # an unknown device, or CUDA where there is none, fails now
 
 
 @dataclass
@@ -81,7 +78,10 @@ class TrainResult:
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise config.invalid("trainer.device", name, "auto, cpu, cuda or cuda:N (e.g. cuda:1)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"trainer.device={name!r} but CUDA is not available here; use "
                           "trainer.device=auto or cpu.")
@@ -123,11 +123,18 @@ def evaluate(model: nn.Module, data: ImageData, batch_size: int = 1000,
 
 
 def _check_finite(step: int, loss: torch.Tensor, model: nn.Module, gamma: float) -> None:
+    """Stop with a NumericalError naming the step when the loss or a parameter is NaN or Inf.
+
+    Parameters include every layer's bit depths b and exponents e, so a diverging b/e learning
+    rate is caught as early as one of the weights.
+    """
     if torch.isfinite(loss):
         bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
         if not bad:
             return
-        where = f"parameters {', '.join(bad[:4])}"
+        where = f"parameters {', '.join(bad[:4])}" + (" and more" if len(bad) > 4 else "")
+        if all(n.endswith((".b", ".e")) for n in bad):
+            where += " (bit depths b / exponents e: most likely trainer.lr_quant is too high)"
     else:
         where = "the loss"
     raise NumericalError(
@@ -138,8 +145,35 @@ def _check_finite(step: int, loss: torch.Tensor, model: nn.Module, gamma: float)
     )
 
 
+class Window:
+    """The loss sums since the last evaluation, which a metrics row averages.
+
+    Device tensors, so adding to them never waits for the device.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), device=device)
+        self.task = torch.zeros((), device=device)
+        self.n = 0
+
+    def add(self, loss: torch.Tensor, task: torch.Tensor) -> None:
+        self.loss += loss
+        self.task += task
+        self.n += 1
+
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.task.zero_()
+        self.n = 0
+
+
 class Trainer:
-    """Holds the training state so that surgery can rebuild what depends on the model."""
+    """Holds the training state so that surgery can rebuild what depends on the model.
+
+    Everything the loop carries from one step to the next lives on the trainer (not in local
+    variables), so that scn.resume can write it to a training checkpoint and put it back: a
+    resumed run then takes exactly the steps the uninterrupted run would have taken.
+    """
 
     def __init__(self, model: nn.Module, data: ImageData, cfg: TrainConfig,
                  schedule: Callable[[int, int], float], learn_bits: bool, seed: int = 0) -> None:
@@ -162,10 +196,18 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(s, self.total_steps, cfg.warmup))
         example = self.data.test_x[:1]
         self.graph = None
-        if cfg.surgery != "off" and learn_bits:
+        if cfg.surgery != "off" and cfg.prune_every and learn_bits:
             self.graph = surgery.trace(self.model, self.data.normalize(example))
         self.generator = torch.Generator().manual_seed(seed)  # batch order and augmentation
         self.step = 0
+        self.epoch_rng = self.generator.get_state()  # the generator as the current epoch began
+        self.epoch_batches = 0  # batches of the current epoch already trained on
+        self.window = Window(self.device)
+        self.q_now = torch.zeros((), device=self.device)  # the latest size term Q
+        self.pending: list[dict] = []  # train-log rows not yet handed to on_steps
+        self.result = TrainResult()
+        self.elapsed_s = 0.0  # wall time spent on this run so far (by earlier processes too)
+        self.other_s = 0.0  # of which evaluation and surgery: excluded from the step time
         self._refresh()
 
     def _refresh(self) -> None:
@@ -185,6 +227,25 @@ class Trainer:
         if result.total:
             self._refresh()
         return result.total
+
+    def _epoch(self):
+        """The current epoch's batches from where it stands.
+
+        An epoch's order and augmentation are drawn from the generator as the epoch began, so a
+        resumed run restores that state, draws the batches already trained on again and
+        discards them (cheap next to training on them), and goes on with exactly the next one.
+        """
+        if self.epoch_batches == 0:
+            self.epoch_rng = self.generator.get_state()
+        else:
+            self.generator.set_state(self.epoch_rng)
+        it = batches(self.data, "train", self.cfg.batch_size, self.generator, self.channels_last)
+        for _ in range(self.epoch_batches):
+            next(it)
+        for batch in it:
+            self.epoch_batches += 1
+            yield batch
+        self.epoch_batches = 0
 
     def train_step(self, xb: torch.Tensor, yb: torch.Tensor, gamma: float):
         """One optimizer step; returns detached (loss, task loss, Q or None).
@@ -220,72 +281,80 @@ class Trainer:
         row.update({f"channels/{k}": v[0] for k, v in rep.channels.items()})
         return row
 
+    def _evaluate(self, gamma: float, last: bool, on_eval, on_steps) -> dict:
+        """A metrics row (after the final surgery when `last`); hands the rows out."""
+        if last and self.graph is not None:
+            # The run always ends physically shrunk: the reported size is the file's.
+            self.result.surgeries += bool(self.prune(physical=True))
+        w = self.window
+        row = self.metrics_row(self.step / self.steps_per_epoch, float(w.loss / w.n),
+                               float(w.task / w.n), float(self.q_now), gamma)
+        w.reset()
+        self.result.history.append(row)
+        if on_steps:
+            on_steps([{k: float(v) for k, v in r.items()} for r in self.pending])
+        self.pending = []
+        if on_eval:
+            on_eval(row)
+        return row
+
     def run(self, on_eval: Callable[[dict], None] | None = None,
-            on_steps: Callable[[list[dict]], None] | None = None) -> TrainResult:
+            on_steps: Callable[[list[dict]], None] | None = None,
+            on_checkpoint: Callable[[Trainer], None] | None = None) -> TrainResult:
+        """Train to the end from wherever the trainer stands (step 0, or a restored state).
+
+        on_eval gets each metrics row, on_steps the train-log rows since the last evaluation,
+        on_checkpoint the trainer every `checkpoint_every` steps and at the end, its state
+        checked to be finite first (a diverged state must never replace a good checkpoint).
+        """
         cfg = self.cfg
-        result = TrainResult()
+        result = self.result
         eval_every = cfg.eval_every or self.steps_per_epoch
-        start = time.perf_counter()
-        other_time = 0.0  # evaluation and surgery: excluded from the step time
-        steps_log: list[dict] = []
-        bar = tqdm(total=self.total_steps, disable=not cfg.progress, dynamic_ncols=True,
-                   mininterval=1.0)
+        start = time.perf_counter() - self.elapsed_s
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress,
+                   dynamic_ncols=True, mininterval=1.0)
         self.model.train()
-        loss_sum = torch.zeros((), device=self.device)
-        task_sum = torch.zeros((), device=self.device)
-        q_now = torch.zeros((), device=self.device)
-        n_sum = 0
-        gamma = self.schedule(0, self.total_steps)
-        last_acc = float("nan")
+        last_acc = result.history[-1]["test_accuracy"] if result.history else float("nan")
         while self.step < self.total_steps:
-            for xb, yb in batches(self.data, "train", cfg.batch_size, self.generator, self.channels_last):
+            for xb, yb in self._epoch():
                 gamma = self.schedule(self.step, self.total_steps)
                 loss, task, q = self.train_step(xb, yb, gamma)
-                q_now = q if q is not None else q_now
-                loss_sum += loss
-                task_sum += task
-                n_sum += 1
-                steps_log.append({"step": self.step, "loss": loss, "task_loss": task,
-                                  "size_loss": q_now, "gamma": gamma,
-                                  "lr": self.optimizer.param_groups[0]["lr"]})
+                self.q_now = q if q is not None else self.q_now
+                self.window.add(loss, task)
+                self.pending.append({"step": self.step, "loss": loss, "task_loss": task,
+                                     "size_loss": self.q_now, "gamma": gamma,
+                                     "lr": self.optimizer.param_groups[0]["lr"]})
                 if not self.cuda:
                     _check_finite(self.step, loss, self.model, gamma)
 
                 if self.graph is not None and self.step % cfg.prune_every == 0:
                     t0 = time.perf_counter()
                     result.surgeries += bool(self.prune(physical=cfg.surgery == "physical"))
-                    other_time += time.perf_counter() - t0
+                    self.other_s += time.perf_counter() - t0
                 if self.step % cfg.log_every == 0:
                     _check_finite(self.step, loss, self.model, gamma)  # a sync point anyway
                     bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{last_acc:.2f}",
-                                    bits=f"{float(q_now):.2f}", gamma=f"{gamma:.3g}")
+                                    bits=f"{float(self.q_now):.2f}", gamma=f"{gamma:.3g}")
                     bar.update(cfg.log_every)
                 last = self.step >= self.total_steps
                 if self.step % eval_every == 0 or last:
                     t0 = time.perf_counter()
-                    if last and self.graph is not None:
-                        # The run always ends physically shrunk: the reported size is the file's.
-                        result.surgeries += bool(self.prune(physical=True))
                     _check_finite(self.step, loss, self.model, gamma)
-                    row = self.metrics_row(self.step / self.steps_per_epoch, float(loss_sum / n_sum),
-                                           float(task_sum / n_sum), float(q_now), gamma)
-                    last_acc = row["test_accuracy"]
-                    loss_sum.zero_()
-                    task_sum.zero_()
-                    n_sum = 0
-                    result.history.append(row)
-                    if on_steps:
-                        on_steps([{k: float(v) for k, v in r.items()} for r in steps_log])
-                    steps_log = []
-                    if on_eval:
-                        on_eval(row)
-                    other_time += time.perf_counter() - t0
+                    last_acc = self._evaluate(gamma, last, on_eval, on_steps)["test_accuracy"]
+                    self.other_s += time.perf_counter() - t0
+                every = cfg.checkpoint_every
+                if on_checkpoint and (last or (every and self.step % every == 0)):
+                    t0 = time.perf_counter()
+                    _check_finite(self.step, loss, self.model, gamma)
+                    self.elapsed_s = t0 - start
+                    on_checkpoint(self)
+                    self.other_s += time.perf_counter() - t0
                 if last:
                     break
         bar.close()
         result.wall_time_s = time.perf_counter() - start
         # Evaluation syncs the device, so wall time minus evaluation is honest on CUDA too.
-        result.step_time_s = (result.wall_time_s - other_time) / max(self.step, 1)
+        result.step_time_s = (result.wall_time_s - self.other_s) / max(self.step, 1)
         result.images_per_s = cfg.batch_size / result.step_time_s if self.step else 0.0
         result.final = dict(result.history[-1]) if result.history else {}
         return result

@@ -1,0 +1,91 @@
+"""CIFAR-10 benchmark on the CPU config: float against self-compression, side by side.
+
+Both methods run `+experiment=cifar10_resnet_cpu` (ResNet-9 at width 16) with the same data,
+seed and epochs, through the same code path as scn-train; run folders go under --runs and
+are reused when finished (resumable). Writes docs/results/cifar10_cpu.json and .png.
+Pass the data location as an override:
+
+    python scripts/bench_cifar10.py dataset.root=../shared/data/cifar10-jpeg
+    python scripts/bench_cifar10.py dataset.root=DIR --experiment cifar10_resnet --name cifar10_gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from scn import io  # noqa: E402
+from scn.experiment import machine  # noqa: E402
+from scn.sweep import run_overrides  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = {"none": ["quant=none"], "self_compress": ["quant=self_compress"]}
+
+
+def label(dataset_name: str) -> str:
+    return "CIFAR-10 (JPEG copy)" if dataset_name == "cifar10-jpeg" else "CIFAR-10"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for both methods")
+    parser.add_argument("--experiment", default="cifar10_resnet_cpu")
+    parser.add_argument("--name", default="cifar10_cpu", help="result file stem in --out")
+    parser.add_argument("--runs", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs/results")
+    args = parser.parse_args(argv)
+    runs = args.runs or ROOT / "outputs/bench" / args.name
+
+    results = []
+    for method, overrides in METHODS.items():
+        s = run_overrides([f"+experiment={args.experiment}", *overrides, *args.overrides], runs / method)
+        results.append({
+            "method": method,
+            "dataset": label(s.get("dataset_name", "")),
+            "test_accuracy": s["test_accuracy"],
+            "bits_per_weight": s["bits_per_weight"],
+            "float_bits_pct": s["float_bits_pct"],
+            "weights_left_pct": s["weights_left_pct"],
+            "param_count": s["param_count"],
+            "file_bytes": s.get("file_bytes"),
+            "wall_time_s": s["wall_time_s"],
+            "images_per_s": s["images_per_s"],
+            "step_time_s": s["step_time_s"],
+            "channels_left": s["channels_left"],
+            "run_dir": s["run_dir"],
+        })
+    command = "python scripts/bench_cifar10.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    io.write_json(args.out / f"{args.name}.json",
+                  {"command": command.strip(), "machine": machine(), "experiment": args.experiment,
+                   "results": results})
+    plot(results, args.out / f"{args.name}.png")
+    for r in results:
+        print(f"{r['method']:>14}: {r['test_accuracy']:.2f}%  {r['bits_per_weight']:.3f} bits/weight "
+              f"({r['float_bits_pct']:.2f}% of float)  {r['weights_left_pct']:.1f}% weights left  "
+              f"{r['wall_time_s'] / 60:.1f} min  {r['images_per_s']:.0f} img/s  [{r['dataset']}]")
+
+
+def plot(results: list[dict], path: Path) -> None:
+    fig, ax = plt.subplots(1, 3, figsize=(13, 4))
+    names = [r["method"] for r in results]
+    for a, key, title in ((ax[0], "test_accuracy", "test accuracy (%)"),
+                          (ax[1], "float_bits_pct", "size (% of float32 bits)"),
+                          (ax[2], "weights_left_pct", "weights left (%)")):
+        bars = a.bar(names, [r[key] for r in results])
+        a.bar_label(bars, fmt="%.2f")
+        a.set(title=title)
+    fig.suptitle(f"{results[0]['dataset']}: float vs self-compression (ResNet-9)")
+    fig.tight_layout()
+    io.atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Accuracy against size for every method on Fashion-MNIST, in one resumable invocation.
+
+Same model, data, epochs and seed (+experiment=fashion_mnist_cnn) for every point:
+  none           float32, the accuracy reference;
+  fixed          fixed-bit QAT with learned exponents at 8, 6, 4, 3 and 2 bits;
+  diffq          DiffQ (pip install '.[diffq]') over its size penalty;
+  self_compress  self-compression over gamma.
+Run folders live under --runs, shared with bench_fashion_mnist.py (a run both need is trained
+once); a finished run is reused, so a killed benchmark resumes where it stopped. The table and
+plots come from scn.aggregate, the same code as `scn-report`. Writes docs/results/pareto.csv,
+pareto.json, pareto_bytes.png and pareto_bits.png.
+
+    python scripts/bench_pareto.py                       # about 90 minutes on two CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from scn import aggregate, io, report
+from scn.experiment import machine
+from scn.sweep import run_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+GAMMAS = (0.02, 0.05, 0.1, 0.2, 0.4)
+FIXED_BITS = (8, 6, 4, 3, 2)
+DIFFQ_PENALTIES = (1, 3, 10, 30)
+
+
+def points() -> list[tuple[str, str, float | None, list[str]]]:
+    """(run name, method, knob, overrides) for every point of the plot."""
+    pts = [("none", "none", None, ["quant=none"])]
+    pts += [(f"fixed{b}", "fixed", b, ["quant=fixed", f"quant.init_bits={b}"]) for b in FIXED_BITS]
+    pts += [(f"diffq_p{p:g}", "diffq", p, ["quant=diffq", f"size_loss.gamma={p}"])
+            for p in DIFFQ_PENALTIES]
+    pts += [("self_compress" if g == 0.1 else f"self_compress_g{g:g}", "self_compress", g,
+             ["quant=self_compress", f"size_loss.gamma={g}"]) for g in GAMMAS]
+    return pts
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every point")
+    parser.add_argument("--runs", type=Path, default=ROOT / "outputs/bench/fashion_mnist")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs/results")
+    parser.add_argument("--skip", nargs="*", default=[], help="methods to leave out")
+    args = parser.parse_args(argv)
+
+    knobs = {}
+    for name, method, knob, overrides in points():
+        if method in args.skip:
+            continue
+        run_overrides(["+experiment=fashion_mnist_cnn", *overrides, *args.overrides], args.runs / name)
+        knobs[name] = (method, knob)
+
+    rows = [r for r in aggregate.collect(args.runs) if Path(r["run_dir"]).name in knobs]
+    for r in rows:
+        r["method"], r["knob"] = knobs[Path(r["run_dir"]).name]
+        r["label"] = r["method"]
+        r["run_dir"] = str((args.runs / r["run_dir"]).resolve().relative_to(ROOT))
+    aggregate.mark_pareto(rows)
+    columns = ["method", "knob", "test_accuracy", "bits_per_weight", "file_bytes", "bytes_source",
+               "float_bits_pct", "weights_left_pct", "param_count", "pareto", "pareto_bytes",
+               "wall_time_s", "status", "run_dir"]
+    table = [{k: r.get(k) for k in columns} for r in rows]
+    report.write_csv(args.out / "pareto.csv", table)
+    command = "python scripts/bench_pareto.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    io.write_json(args.out / "pareto.json", {"command": command.strip(), "machine": machine(),
+                                             "results": table})
+    aggregate.plot_pareto(rows, "file_bytes", args.out / "pareto_bytes.png", log_x=True)
+    aggregate.plot_pareto(rows, "bits_per_weight", args.out / "pareto_bits.png")
+    for r in sorted(table, key=lambda r: (r["method"], r["bits_per_weight"] or 0)):
+        print(f"{r['method']:>14} {r['knob'] if r['knob'] is not None else '':>6}: "
+              f"{r['test_accuracy']:6.2f}%  {r['bits_per_weight']:6.3f} bits/weight  "
+              f"{r['file_bytes']:>9} bytes{'  pareto' if r['pareto_bytes'] else ''}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Safe loading: hostile .scn files are clean FormatErrors, and nothing scn reads runs code.
+
+A few hundred hypothesis cases over the mutators of scripts/fuzz_format.py (which runs
+10,000 of them and writes docs/results/fuzz.json).
+"""
+
+import importlib.util
+import json
+import random
+import re
+
+import pytest
+from conftest import ROOT
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from scn import format as fmt
+from scn.errors import FormatError
+
+_spec = importlib.util.spec_from_file_location("fuzz_format", ROOT / "scripts" / "fuzz_format.py")
+fuzz_format = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fuzz_format)
+
+BASES = fuzz_format.base_files()
+FAST = settings(max_examples=120, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def case_path(tmp_path_factory):
+    return tmp_path_factory.mktemp("fuzz") / "case.scn"
+
+
+def clean(raw, path):
+    outcome, detail = fuzz_format.run_case(raw, path, time_limit=10)
+    assert outcome in ("ok", "format_error"), detail
+
+
+def test_base_files_load(case_path):
+    for name, raw in BASES.items():
+        assert fuzz_format.run_case(raw, case_path) == ("ok", ""), name
+
+
+@FAST
+@given(st.binary(max_size=4096))
+def test_random_bytes(case_path, raw):
+    clean(raw, case_path)
+
+
+@FAST
+@given(st.sampled_from(sorted(BASES)), st.integers(0, 10**9), st.data())
+def test_truncated_and_flipped(case_path, base, seed, data):
+    raw = BASES[base]
+    rng = random.Random(seed)
+    cut = data.draw(st.integers(0, len(raw) - 1))
+    clean(raw[:cut], case_path)
+    clean(fuzz_format.bit_flips(rng, raw), case_path)
+
+
+@settings(FAST, max_examples=300)
+@given(st.sampled_from(sorted(BASES)),
+       st.sampled_from(["header_field", "tensor_values", "safetensors_table", "raw_resigned"]),
+       st.integers(0, 10**9))
+def test_resigned_mutations(case_path, base, category, seed):
+    """Damage behind a valid checksum: the decoder's own checks must catch it."""
+    clean(fuzz_format.MUTATORS[category](random.Random(seed), BASES[base]), case_path)
+
+
+def test_absurd_shapes_are_refused_before_allocating(tmp_path):
+    header, packed = fmt.parse(BASES["mixed"])
+    rest = {k: v for k, v in header.items() if k not in ("layers", "floats")}
+    for shape in ([1, 2**28, 1, 1], [2**20, 2**20], [-4, 3, 3, 3], [4, 4, 4]):
+        layers = [dict(packed.layers[0], shape=shape)] + packed.layers[1:]
+        bad = fmt.serialize(fmt.Packed(packed.tensors, layers, packed.floats), rest)
+        with pytest.raises(FormatError, match="malformed"):
+            fmt.parse(bad)
+    for width in (10**6, 10**12):  # a model far larger than the file: refused on the meta device
+        model = dict(rest["model"], kwargs=dict(rest["model"]["kwargs"], width=width))
+        (tmp_path / "big.scn").write_bytes(fmt.serialize(packed, {**rest, "model": model}))
+        with pytest.raises(FormatError, match="far more than the file can hold|cannot build"):
+            fmt.load(tmp_path / "big.scn")
+
+
+def test_bit_depths_above_16_and_recursion_bombs(case_path):
+    header, packed = fmt.parse(BASES["mixed"])
+    rest = {k: v for k, v in header.items() if k not in ("layers", "floats")}
+    bits = packed.tensors["bits"].copy()
+    bits[0] = 17
+    bad = fmt.serialize(fmt.Packed({**packed.tensors, "bits": bits}, packed.layers, packed.floats), rest)
+    with pytest.raises(FormatError):
+        fmt.decode(fmt.parse(bad)[1])
+    st_header, data = fuzz_format._split(BASES["mixed"])
+    meta = st_header["__metadata__"]
+    meta["scn"] = '{"x":' + "[" * 100_000 + "]" * 100_000 + "," + meta["scn"][1:]
+    with pytest.raises(FormatError, match="not valid JSON"):
+        fmt.parse(fuzz_format._join(st_header, data))
+
+
+def test_fuzz_results_file_has_the_projects_shape():
+    path = ROOT / "docs" / "results" / "fuzz.json"
+    if not path.exists():
+        pytest.skip("docs/results/fuzz.json not generated yet (python scripts/fuzz_format.py)")
+    result = json.loads(path.read_text())
+    assert {"command", "machine", "cases", "crashes", "hangs", "results"} <= set(result)
+    assert result["cases"] >= 10_000 and result["crashes"] == 0 and result["hangs"] == 0
+    assert sum(r["cases"] for r in result["results"]) == result["cases"]
+
+
+def test_nothing_scn_reads_can_run_code():
+    """No pickle anywhere: torch.load only with weights_only=True, numpy without pickles."""
+    for path in [*(ROOT / "scn").rglob("*.py"), *(ROOT / "scripts").glob("*.py")]:
+        text = path.read_text()
+        assert not re.search(r"^\s*(import pickle|from pickle|import dill|import cloudpickle)",
+                             text, re.M), path
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, (path, call)
+        assert "allow_pickle=True" not in text, path
+        assert not re.search(r"yaml\.load\((?![^)]*SafeLoader)", text), path
+        assert not re.search(r"(?<![\w.])eval\(", text), path
