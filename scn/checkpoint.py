@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
+from safetensors.torch import save as st_save
 from torch import nn
 
 from scn import io
@@ -46,30 +47,46 @@ def rebuild(header: dict, shapes: dict[str, tuple[int, ...]],
             max_scalars: int | None = None) -> nn.Module:
     """Build the model a header describes, with every tensor resized to `shapes`.
 
-    With `max_scalars`, a model holding more parameters and buffers than that is refused
-    before anything is allocated (counted on the meta device): a damaged or hostile header
-    must not make scn allocate gigabytes.
+    With `max_scalars` (for files from elsewhere), the model is first built on the meta device,
+    where nothing is allocated, and refused if it holds more parameters and buffers than that
+    or far more modules than the file has tensors: a damaged or hostile header must not make
+    scn allocate gigabytes or loop for hours.
     """
     try:
         spec, scheme = header["model"], Scheme(**header["scheme"])
         if max_scalars is not None:
-            with torch.device("meta"):
-                probe = build(spec["name"], **spec["kwargs"])
-            scalars = sum(t.numel() for t in (*probe.parameters(), *probe.buffers()))
-            if scalars > max_scalars:
-                raise FormatError(f"the file's header describes a model of {scalars:,} values, far "
-                                  "more than the file can hold; the file is corrupt.")
-        model = build(spec["name"], **spec["kwargs"])
-    except (KeyError, TypeError, RuntimeError, OverflowError) as exc:
+            _probe(spec, max_scalars, max_modules=16 * len(shapes) + 64)
+        model = quantize_(build(spec["name"], **spec["kwargs"]), scheme)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, OverflowError) as exc:
         raise FormatError(f"the file's header does not describe a model scn can build ({exc})") from exc
     except FormatError:
         raise
     except ScnError as exc:
         raise FormatError(f"the file's header describes a model scn cannot build: {exc}") from exc
-    quantize_(model, scheme)
     model.scn_reference = Reference(**header["reference"])
     resize(model, shapes)
     return model
+
+
+def _probe(spec: dict, max_scalars: int, max_modules: int) -> None:
+    """Build `spec` on the meta device, stopping as soon as it outgrows the limits."""
+    def count(parent: nn.Module, name: str, module: nn.Module) -> None:
+        modules[0] += 1
+        if modules[0] > max_modules:
+            raise FormatError(f"the file's header describes a model of more than {max_modules} "
+                              "modules, far more than the file holds tensors; the file is corrupt.")
+
+    modules = [0]
+    handle = torch.nn.modules.module.register_module_module_registration_hook(count)
+    try:
+        with torch.device("meta"):
+            probe = build(spec["name"], **spec["kwargs"])
+    finally:
+        handle.remove()
+    scalars = sum(t.numel() for t in (*probe.parameters(), *probe.buffers()))
+    if scalars > max_scalars:
+        raise FormatError(f"the file's header describes a model of {scalars:,} values, far more "
+                          "than the file can hold; the file is corrupt.")
 
 
 def resize(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -94,7 +111,8 @@ def resize(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
 def save_checkpoint(model: nn.Module, path: str | Path, dataset: dict | None = None) -> None:
     header = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **describe(model, dataset)}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    io.atomic_write(path, lambda p: save_file(state, str(p), metadata={"scn": json.dumps(header)}))
+    # In memory, then written by Python: a full disk is an OSError naming the file.
+    io.write_bytes(path, st_save(state, metadata={"scn": json.dumps(header)}))
 
 
 def read_header(path: str | Path, expected_format: str = CHECKPOINT_FORMAT) -> dict:

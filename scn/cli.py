@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -58,7 +59,7 @@ def _instantiate(cfg: DictConfig, key: str, **kwargs):
     one-paragraph reason."""
     _check_node(cfg, key)
     try:
-        return instantiate(cfg[key], **kwargs)
+        return instantiate(cfg[key], _convert_="all", **kwargs)  # plain lists, not ListConfig
     except MissingMandatoryValue as exc:
         raise ConfigError(f"{exc.full_key} is required and was not given: add "
                           f"{exc.full_key}=VALUE to the command line.") from None
@@ -88,6 +89,8 @@ def build_experiment(cfg: DictConfig) -> experiment.Experiment:
     scheme = _instantiate(cfg, "quant")
     schedule = _instantiate(cfg, "size_loss")
     model = _instantiate(cfg, "model")
+    with torch.device("meta"):  # the model's own range checks, before any data (allocates nothing)
+        model()
     data = _instantiate(cfg, "dataset")
     exp = experiment.Experiment(
         data=data, model=model, scheme=scheme, schedule=schedule, trainer=trainer,
@@ -126,15 +129,15 @@ def train_main(cfg: DictConfig) -> float | None:
     try:
         summary = experiment.run(exp, run_dir, resume=cfg.get("resume", False), notify=_notice)
     except ScnError as exc:
-        message = f"{exc} ({_what_is_kept(run_dir, exc)})"
+        message = f"{exc}{_what_is_kept(run_dir, exc)}"
         if multirun:  # a sweep goes on with its other runs
             print(f"scn: error: {message}", file=sys.stderr)
             return None
         return fail(message, code=1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if multirun:
             raise  # Ctrl-C stops the whole sweep
-        return fail(f"interrupted ({_what_is_kept(run_dir, None)})", code=130)
+        return fail(f"interrupted{_what_is_kept(run_dir, exc)}", code=130)
     print(f"\nscn: finished: test accuracy {summary['test_accuracy']:.2f}% at "
           f"{summary['bits_per_weight']:.3f} bits/weight ({summary['float_bits_pct']:.2f}% of "
           f"float32), {summary['weights_left_pct']:.1f}% of weights left. Run folder: {run_dir}")
@@ -145,15 +148,20 @@ def _notice(message: str) -> None:
     print(f"scn: {message}", file=sys.stderr)
 
 
-def _what_is_kept(run_dir: Path, exc: Exception | None) -> str:
-    step = (experiment.read_summary(run_dir) or {}).get("checkpoint_step")
+def _what_is_kept(run_dir: Path, exc: BaseException) -> str:
+    """What a run that failed while training left behind ("" for an error raised before)."""
+    summary = experiment.read_summary(run_dir) or {}
+    causes = {str(e) or type(e).__name__ for e in (exc, exc.__cause__) if e is not None}
+    if summary.get("status") != "failed" or summary.get("error") not in causes:
+        return ""  # refused before training: the folder is as it was
+    step = summary.get("checkpoint_step")
     if step is None:
-        return f"the run folder {run_dir} keeps what was finished."
+        return f" (the run folder {run_dir} keeps what was finished.)"
     if isinstance(exc, NumericalError):  # resuming would diverge again: nothing to suggest
-        return (f"the run folder {run_dir} keeps what was finished, and its last good training "
-                f"checkpoint, of step {step}.")
-    return (f"the run folder {run_dir} keeps what was finished, and its last training checkpoint, "
-            f"of step {step}: add resume=true to the same command to continue from it.")
+        return (f" (the run folder {run_dir} keeps what was finished, and its last good training "
+                f"checkpoint, of step {step}.)")
+    return (f" (the run folder {run_dir} keeps what was finished, and its last training checkpoint, "
+            f"of step {step}: resume=true continues from it.)")
 
 
 def _objective(summary: dict) -> float | tuple[float, float]:

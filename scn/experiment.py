@@ -29,7 +29,7 @@ from scn import checkpoint, io, report, size
 from scn import format as scn_format
 from scn import resume as train_state
 from scn.data import ImageData
-from scn.errors import ScnError
+from scn.errors import FormatError, ScnError
 from scn.quant import Scheme, quantize_
 from scn.train import TrainConfig, Trainer, TrainResult, learns_bits
 
@@ -143,11 +143,9 @@ def run(exp: Experiment, run_dir: str | Path, resume: bool = False,
     try:
         return _run(exp, run_dir, digest, state)
     except OSError as exc:  # a full disk, a folder gone: say which file, keep the traceback out
-        kept = train_state.path_in(run_dir)
-        raise ScnError(f"writing the run folder failed: {exc.strerror or exc}"
-                       f"{f' ({exc.filename})' if exc.filename else ''}. "
-                       + (f"The last training checkpoint ({kept}) is intact: free space and rerun "
-                          "with resume=true to continue." if kept.exists() else "")) from exc
+        where = f"writing {exc.filename}" if exc.filename else f"writing into {run_dir}"
+        raise ScnError(f"{where} failed: {exc.strerror or exc}. Free space (or fix the folder) "
+                       "before running again.") from exc
 
 
 def _starting_state(exp: Experiment, run_dir: Path, digest: str, resume: bool,
@@ -160,13 +158,18 @@ def _starting_state(exp: Experiment, run_dir: Path, digest: str, resume: bool,
         if resume:
             notify(f"resume=true but {run_dir} holds no training checkpoint: starting from step 0.")
         return None
-    state = train_state.load(path)
     if not resume:
-        notify(f"{run_dir} holds the training checkpoint of an unfinished run (step {state.step}); "
-               "starting from step 0 as resume=false, which replaces it. Add resume=true to "
-               "continue it instead.")
+        try:
+            step = train_state.load(path).step
+            notify(f"{run_dir} holds the training checkpoint of an unfinished run (step {step}); "
+                   "starting from step 0 as resume=false, which replaces it. Add resume=true to "
+                   "continue it instead.")
+        except FormatError:
+            notify(f"{run_dir} holds an unreadable training checkpoint; starting from step 0, "
+                   "which replaces it.")
         path.unlink()
         return None
+    state = train_state.load(path)
     if state.meta.get("config_hash") != digest:
         changes = "; ".join(config_changes(state.meta.get("config"), exp.config)) or "unknown keys"
         raise ScnError(f"the training checkpoint in {run_dir} belongs to a run of another config "

@@ -508,6 +508,8 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Modul
                                    max_scalars=max(_MIN_SCALARS, _SCALARS_PER_BYTE * len(raw)))
     except (KeyError, TypeError, ValueError) as exc:
         raise FormatError(f"{name}: its header does not describe a model scn can build ({exc}).") from None
+    except FormatError as exc:
+        raise FormatError(f"{name}: {exc}") from None
     for layer_name, layer in sc_layers(model):
         kernel = tuple(getattr(layer, "kernel_size", ()))
         if tuple(layer.weight.shape[2:]) != kernel:

@@ -30,6 +30,7 @@ loop's position back.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -38,7 +39,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import safe_open, save_file
+from safetensors.torch import safe_open
+from safetensors.torch import save as st_save
 from torch import nn
 
 from scn import checkpoint, io
@@ -128,11 +130,22 @@ def check_finite(state: State) -> None:
             "learning rates (trainer.lr, trainer.lr_quant) or size_loss.gamma and rerun.")
 
 
+def digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the tensors' names and bytes: catches a checkpoint damaged on disk."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        h.update(key.encode())
+        h.update(tensors[key].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save(path: str | Path, state: State) -> None:
     """Write `state` atomically (after checking it is finite)."""
     check_finite(state)
-    meta = {"scn": json.dumps(state.meta, default=_plain)}
-    io.atomic_write(path, lambda tmp: save_file(state.tensors, str(tmp), metadata=meta))
+    meta = {"scn": json.dumps({**state.meta, "tensors_sha256": digest(state.tensors)}, default=_plain)}
+    # Serialized in memory and written by Python: a full disk is then an OSError naming the
+    # file, where safetensors' own writer raises a SafetensorError without one.
+    io.write_bytes(path, st_save(state.tensors, metadata=meta))
 
 
 def _plain(x):
@@ -164,19 +177,27 @@ def load(path: str | Path) -> State:
     if meta.get("version") != VERSION:
         raise FormatError(f"{path} is version {meta.get('version')!r} of the training checkpoint; "
                           f"this scn reads version {VERSION}. Resume it with the scn that wrote it, "
-                          "or delete the checkpoint folder to start the run over.")
+                          "or run the same command without resume=true to start over.")
+    try:
+        intact = meta.get("tensors_sha256") == digest(tensors)
+    except (RuntimeError, TypeError) as exc:
+        raise _unreadable(path, str(exc)) from None
+    if not intact:
+        raise _unreadable(path, "its tensors do not match their SHA-256 checksum: a damaged file")
     return State(tensors, meta)
 
 
 def _unreadable(path: str | Path, why: str) -> FormatError:
-    return FormatError(f"{path} is not a readable training checkpoint ({why}). Delete the "
-                       "checkpoint folder to start the run over (resume=false).")
+    return FormatError(f"{path} is not a readable training checkpoint ({why}). To start the "
+                       "run over, run the same command without resume=true (which replaces it).")
 
 
 def build_model(state: State) -> nn.Module:
     """The model of the checkpoint, at its stored shapes and with its stored values."""
     values = {k.removeprefix("model/"): v for k, v in state.tensors.items() if k.startswith("model/")}
-    model = checkpoint.rebuild(state.meta["model"], {k: tuple(v.shape) for k, v in values.items()})
+    stored = sum(v.numel() * v.element_size() for v in state.tensors.values())
+    model = checkpoint.rebuild(state.meta["model"], {k: tuple(v.shape) for k, v in values.items()},
+                               max_scalars=max(1 << 24, 1024 * stored))
     try:
         model.load_state_dict(values, strict=True)
     except RuntimeError as exc:

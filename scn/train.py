@@ -2,8 +2,10 @@
 
 Read top to bottom: pick the device, build the optimizer (weights and b/e in their own
 groups), then for each batch compute the loss, step, and every `prune_every` steps remove
-dead channels; every `eval_every` steps evaluate and hand a metrics row to `on_eval`.
-The loop knows nothing about files: callers (scn.experiment) decide where rows go.
+dead channels; every `eval_every` steps evaluate and hand a metrics row to `on_eval`;
+every `checkpoint_every` steps hand the (finite) trainer to `on_checkpoint`, which scn.resume
+can save and later restore exactly. The loop knows nothing about files: callers
+(scn.experiment) decide where rows and checkpoints go.
 """
 
 from __future__ import annotations

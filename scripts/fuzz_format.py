@@ -298,7 +298,7 @@ def _alarm(signum, frame):
 def run_case(raw: bytes, path: Path, time_limit: float = 5.0) -> tuple[str, str]:
     """(outcome, detail): ok (loads), format_error (every entry point that failed raised a
     FormatError), crash (another exception), hang (past `time_limit` seconds)."""
-    path.write_bytes(raw)
+    path.write_bytes(raw)  # a scratch file, not a result: no atomic write needed
     outcome, detail = "ok", ""
     steps = {"parse": lambda: fmt.parse(raw, "case"), "read_header": lambda: fmt.read_header(path),
              "file_stats": lambda: fmt.file_stats(path), "load": lambda: fmt.load(path)}
