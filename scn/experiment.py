@@ -202,9 +202,14 @@ def _run(exp: Experiment, run_dir: Path, digest: str, state: train_state.State |
         _write_rows(run_dir / "train_log.csv", steps)
         report.plot_curves(history, run_dir / "curves.png", title=_title(exp))
 
+    diffq = exp.scheme.kind == "diffq"  # DiffQ's groups do not fit the .scn format
+
     def on_eval(row: dict) -> None:
         # The real size of the packed file at this point (encoded in memory, ~0.1 s).
-        row["file_bytes"] = len(scn_format.to_bytes(model, exp.dataset_info()))
+        if diffq:
+            row["diffq_true_bytes"] = trainer.diffq.true_bytes()
+        else:
+            row["file_bytes"] = len(scn_format.to_bytes(model, exp.dataset_info()))
         history.append(row)
         report.write_csv(run_dir / "metrics.csv", history)
         report.plot_curves(history, run_dir / "curves.png", title=_title(exp))
@@ -226,9 +231,16 @@ def _run(exp: Experiment, run_dir: Path, digest: str, state: train_state.State |
         trainer = Trainer(model, exp.data, exp.trainer, exp.schedule, learns_bits(model), exp.seed)
         if state:
             train_state.restore(trainer, state)
-        result = trainer.run(on_eval=on_eval, on_steps=on_steps, on_checkpoint=on_checkpoint)
+        result = trainer.run(on_eval=on_eval, on_steps=on_steps,
+                             on_checkpoint=None if diffq else on_checkpoint)
+        rep = trainer.diffq.report() if diffq else size.report(model)
+        extra = {"file_bytes": None}
+        if diffq:  # keep DiffQ's own size, then leave plain quantized weights in the model
+            extra = {"file_bytes": None, "diffq_true_bytes": trainer.diffq.true_bytes()}
+            trainer.diffq.finish()
         checkpoint.save_checkpoint(model, run_dir / "model.safetensors", exp.dataset_info())
-        file_bytes = scn_format.save(model, run_dir / "model.scn", exp.dataset_info())
+        if not diffq:
+            extra["file_bytes"] = scn_format.save(model, run_dir / "model.scn", exp.dataset_info())
     except BaseException as exc:  # a failure must still leave an honest summary behind
         failed = {**base, "status": "failed", "error": str(exc) or type(exc).__name__,
                   "wall_time_s": time.time() - started, "history_rows": len(history),
@@ -240,8 +252,7 @@ def _run(exp: Experiment, run_dir: Path, digest: str, state: train_state.State |
         except OSError:
             pass  # the disk that failed the run may refuse this too; the error says why
         raise
-    summary = _summary(exp, model, result, base)
-    summary["file_bytes"] = file_bytes
+    summary = {**_summary(exp, rep, result, base), **extra}
     if resumes:
         summary["resumed_at_steps"] = resumes
     io.write_json(run_dir / "summary.json", summary)
@@ -253,8 +264,7 @@ def _title(exp: Experiment) -> str:
     return f"{exp.data.name} / {name} / {exp.scheme.kind}"
 
 
-def _summary(exp: Experiment, model: torch.nn.Module, result: TrainResult, base: dict) -> dict:
-    rep = size.report(model)
+def _summary(exp: Experiment, rep: size.SizeReport, result: TrainResult, base: dict) -> dict:
     final = result.final
     best = max(result.history, key=lambda r: r["test_accuracy"])
     return {
@@ -277,6 +287,7 @@ def _summary(exp: Experiment, model: torch.nn.Module, result: TrainResult, base:
         "channels_original": {k: v[1] for k, v in rep.channels.items()},
         "best": {"test_accuracy": best["test_accuracy"], "step": best["step"],
                  "bits_per_weight": best["bits_per_weight"]},
+        "dataset_name": exp.data.name,
         "machine": base["machine"],
         "config_hash": base["config_hash"],
         "config": exp.config,

@@ -79,24 +79,31 @@ class Scheme:
     """How a model's layers are quantized.
 
     kind: "self_compress" learns b and e; "fixed" keeps b at `init_bits` and learns e (the
-    QAT baseline); "none" keeps float weights.
+    QAT baseline); "none" keeps float weights; "diffq" keeps the layers float for the DiffQ
+    baseline to quantize (scn.diffq_baseline; `init_bits` and `group_size` are DiffQ's).
     quantize_first / quantize_last: whether the model's first and last weight layers are
     quantized too. Layers left in float still count in the reported size at 32 bits.
     """
 
-    kind: Literal["self_compress", "fixed", "none"] = "self_compress"
+    kind: Literal["self_compress", "fixed", "none", "diffq"] = "self_compress"
     init_bits: float = 8.0
     round_bits: bool = True
     quantize_first: bool = True
     quantize_last: bool = True
+    group_size: int = 8  # diffq only: weights sharing one learned bit depth
 
     def __post_init__(self) -> None:
         from scn.errors import ConfigError
 
-        if self.kind not in ("self_compress", "fixed", "none"):
+        if self.kind not in ("self_compress", "fixed", "none", "diffq"):
             raise ConfigError(
                 f"quant.kind={self.kind!r} is not a quantization scheme; valid choices are "
-                "self_compress, fixed and none (pick one with quant=NAME)."
+                "self_compress, fixed, none and diffq (pick one with quant=NAME)."
+            )
+        if self.kind == "diffq" and not (2 < self.init_bits < 15 and self.group_size >= 1):
+            raise ConfigError(
+                f"quant.init_bits={self.init_bits}, quant.group_size={self.group_size}: DiffQ "
+                "needs an initial bit depth strictly between 2 and 15 and a group size >= 1."
             )
         if self.kind != "none" and not (0 < self.init_bits <= MAX_BITS):
             raise ConfigError(
@@ -244,7 +251,7 @@ def quantize_(model: nn.Module, scheme: Scheme) -> nn.Module:
         if isinstance(layer, SCLayer):
             raise ValueError(f"layer {name!r} is already converted; call quantize_ once")
         float_layer = (
-            scheme.kind == "none"
+            scheme.kind in ("none", "diffq")
             or (i == 0 and not scheme.quantize_first)
             or (i == len(layers) - 1 and not scheme.quantize_last)
         )

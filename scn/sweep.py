@@ -28,7 +28,8 @@ def run_overrides(overrides: list[str], run_dir: str | Path, progress: bool = Fa
     """Run (or reuse) the experiment `overrides` describe in `run_dir`; returns its summary."""
     from scn.cli import build_experiment  # the CLI owns Hydra-config -> objects
 
-    overrides = [*overrides, f"trainer.progress={str(progress).lower()}"]
+    # resume=true: a benchmark killed mid-run continues from the run's training checkpoint.
+    overrides = [*overrides, f"trainer.progress={str(progress).lower()}", "resume=true"]
     cfg = compose_config(overrides)
     run_dir = Path(run_dir)
     done = experiment.finished_summary(run_dir, experiment.config_hash(_container(cfg)))
@@ -36,7 +37,7 @@ def run_overrides(overrides: list[str], run_dir: str | Path, progress: bool = Fa
         print(f"reusing finished run {run_dir}")
         return {**done, "run_dir": str(run_dir)}
     print(f"running {' '.join(overrides)} -> {run_dir}")
-    summary = experiment.run(build_experiment(cfg), run_dir)
+    summary = experiment.run(build_experiment(cfg), run_dir, resume=True)
     return {**summary, "run_dir": str(run_dir)}
 
 

@@ -37,7 +37,7 @@ class TrainConfig:
     max_steps: int = 0  # > 0 stops early (tests, smoke runs)
     batch_size: int = 128
     lr: float = 3e-3  # weights (AdamW), with warm-up and cosine decay
-    lr_quant: float = 0.02  # b and e (Adam, no weight decay)
+    lr_quant: float = 0.005  # b and e (Adam, no weight decay)
     weight_decay: float = 5e-4
     warmup: float = 0.03  # fraction of training spent warming the learning rate up
     eval_every: int = 0  # steps between test evaluations; 0 = once per epoch
@@ -182,7 +182,10 @@ class Trainer:
         self.cfg = cfg
         self.device = pick_device(cfg.device)
         self.cuda = self.device.type == "cuda"
-        self.channels_last = cfg.channels_last
+        scheme = getattr(model, "scn_scheme", None)
+        uses_diffq = scheme is not None and scheme.kind == "diffq"
+        # DiffQ views its parameters as flat groups, which a channels-last weight cannot do.
+        self.channels_last = cfg.channels_last and not uses_diffq
         self.data = data.to(self.device)
         self.model = model.to(self.device)
         if self.channels_last:
@@ -194,6 +197,11 @@ class Trainer:
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.optimizer = make_optimizer(self.model, cfg)
+        self.diffq = None  # the DiffQ baseline attaches to the optimizer, before the scheduler
+        if uses_diffq:
+            from scn.diffq_baseline import DiffQ
+
+            self.diffq = DiffQ(self.model, self.optimizer, scheme.group_size, scheme.init_bits)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.total_steps, cfg.warmup))
         example = self.data.test_x[:1]
@@ -261,6 +269,9 @@ class Trainer:
         if self.learn_bits:
             q = size.size_loss(self.model, self.fixed_bits)
             loss = task + gamma * q
+        elif self.diffq is not None:
+            q = self.diffq.size_term()  # megabytes, DiffQ's own penalty
+            loss = task + gamma * q
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -271,7 +282,7 @@ class Trainer:
     def metrics_row(self, epoch: float, train_loss: float, task_loss: float, q: float,
                     gamma: float) -> dict:
         acc, _ = evaluate(self.model, self.data, channels_last=self.channels_last, amp=self.cfg.amp)
-        rep = size.report(self.model)
+        rep = self.diffq.report() if self.diffq is not None else size.report(self.model)
         row = {
             "step": self.step, "epoch": round(epoch, 4), "train_loss": train_loss,
             "task_loss": task_loss, "size_loss": q, "test_accuracy": acc,
