@@ -1,4 +1,4 @@
-"""Accuracy against size for every method on Fashion-MNIST, in one resumable invocation.
+r"""Accuracy against size for every method on Fashion-MNIST, in one resumable invocation.
 
 Same model, data, epochs and seed (+experiment=fashion_mnist_cnn) for every point:
   none           float32, the accuracy reference;
@@ -7,8 +7,13 @@ Same model, data, epochs and seed (+experiment=fashion_mnist_cnn) for every poin
   self_compress  self-compression over gamma.
 Run folders live under --runs, shared with bench_fashion_mnist.py (a run both need is trained
 once); a finished run is reused, so a killed benchmark resumes where it stopped. The table and
-plots come from scn.aggregate, the same code as `scn-report`. Writes docs/results/pareto.csv,
-pareto.json, pareto_bytes.png and pareto_bits.png.
+plots come from scn.aggregate, the same code as `scn-report`. The self-compression points are
+the folders of the gamma sweep, which this one command makes (and `scn-report` reports on):
+
+    scn-train -m +experiment=fashion_mnist_cnn size_loss.gamma=0.02,0.05,0.1,0.2,0.4 \
+        hydra.sweep.dir=outputs/bench/fashion_mnist/gamma_sweep 'hydra.sweep.subdir=gamma_${size_loss.gamma}'
+
+Writes docs/results/pareto.csv, pareto.json, pareto_bytes.png and pareto_bits.png.
 
     python scripts/bench_pareto.py                       # about 90 minutes on two CPU cores
 """
@@ -36,7 +41,8 @@ def points() -> list[tuple[str, str, float | None, list[str]]]:
     pts += [(f"fixed{b}", "fixed", b, ["quant=fixed", f"quant.init_bits={b}"]) for b in FIXED_BITS]
     pts += [(f"diffq_p{p:g}", "diffq", p, ["quant=diffq", f"size_loss.gamma={p}"])
             for p in DIFFQ_PENALTIES]
-    pts += [("self_compress" if g == 0.1 else f"self_compress_g{g:g}", "self_compress", g,
+    # The folders of the gamma sweep (module docstring): the same runs, trained once.
+    pts += [(f"gamma_sweep/gamma_{g}", "self_compress", g,
              ["quant=self_compress", f"size_loss.gamma={g}"]) for g in GAMMAS]
     return pts
 
@@ -56,9 +62,9 @@ def main(argv: list[str] | None = None) -> None:
         run_overrides(["+experiment=fashion_mnist_cnn", *overrides, *args.overrides], args.runs / name)
         knobs[name] = (method, knob)
 
-    rows = [r for r in aggregate.collect(args.runs) if Path(r["run_dir"]).name in knobs]
+    rows = [r for r in aggregate.collect(args.runs) if r["run_dir"] in knobs]
     for r in rows:
-        r["method"], r["knob"] = knobs[Path(r["run_dir"]).name]
+        r["method"], r["knob"] = knobs[r["run_dir"]]
         r["label"] = r["method"]
         r["run_dir"] = str((args.runs / r["run_dir"]).resolve().relative_to(ROOT))
     aggregate.mark_pareto(rows)

@@ -32,16 +32,15 @@ ROOT = Path(__file__).resolve().parents[1]
 FMNIST_POINTS = {  # run name -> overrides; names shared with bench_pareto.py
     "none": ["quant=none"],
     **{f"fixed{b}": ["quant=fixed", f"quant.init_bits={b}"] for b in (8, 4, 3, 2)},
-    "self_compress_g0.02": ["quant=self_compress", "size_loss.gamma=0.02"],
-    "self_compress": ["quant=self_compress", "size_loss.gamma=0.1"],
-    "self_compress_g0.4": ["quant=self_compress", "size_loss.gamma=0.4"],
+    **{f"gamma_sweep/gamma_{g}": ["quant=self_compress", f"size_loss.gamma={g}"]
+       for g in (0.02, 0.05, 0.1, 0.2, 0.4)},
 }
 
 
 def run_all(runs: Path, experiment: str, points: dict[str, list[str]], extra: list[str]) -> list[dict]:
     for name, overrides in points.items():
         run_overrides([f"+experiment={experiment}", *overrides, *extra], runs / name)
-    rows = [r for r in aggregate.collect(runs) if Path(r["run_dir"]).name in points]
+    rows = [r for r in aggregate.collect(runs) if r["run_dir"] in points]
     for r in rows:
         r["run_path"] = runs / r["run_dir"]
     aggregate.mark_pareto(rows)
