@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from scn import resume as train_state
 from scn.data import ImageData
 from scn.errors import FormatError, ScnError
 from scn.quant import Scheme, quantize_
+from scn.report import machine
 from scn.train import TrainConfig, Trainer, TrainResult, learns_bits
 
 SUMMARY_KEYS = ("test_accuracy", "bits_per_weight", "float_bits_pct", "weights_left_pct",
@@ -59,12 +59,6 @@ class Experiment:
         return {"name": self.data.name, "classes": self.data.classes,
                 "input_shape": list(self.data.input_shape),
                 "mean": self.data.mean.tolist(), "std": self.data.std.tolist()}
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads"
 
 
 # Keys that change nothing about the result: a run differing only in these is the same run

@@ -14,6 +14,27 @@ import matplotlib.pyplot as plt  # noqa: E402
 from scn import io  # noqa: E402
 
 
+def machine() -> str:
+    """What ran this: the GPU's name, or the CPU and its thread count."""
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads"
+
+
+def write_benchmark(path: str | Path, script: str, argv: list[str], results: list[dict],
+                    **extra) -> None:
+    """A benchmark's JSON: {"command", "machine", **extra, "results"} (the shape every scn
+    benchmark shares), with the command line that reproduces it."""
+    import shlex
+
+    command = f"python {script} {shlex.join(argv)}".strip()
+    io.write_json(path, {"command": command, "machine": machine(), **extra, "results": results})
+
+
 def csv_text(rows: list[dict]) -> str:
     """Rows as CSV text; columns in first-seen order (later rows may add columns)."""
     columns: list[str] = []

@@ -17,7 +17,7 @@ def _check(gamma: float, **fractions: float) -> None:
     if not isinstance(gamma, (int, float)) or gamma < 0 or not math.isfinite(gamma):
         raise ConfigError(
             f"size_loss.gamma={gamma!r} is invalid: the size-loss weight must be a finite "
-            "number >= 0 (0 turns the size term off; typical values are 0.001 to 0.1)."
+            "number >= 0 (0 turns the size term off; typical values are 0.02 to 0.5)."
         )
     for key, value in fractions.items():
         if not 0 <= value <= 1:

@@ -12,7 +12,6 @@ Pass the data location as an override:
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
@@ -21,8 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from scn import io  # noqa: E402
-from scn.experiment import machine  # noqa: E402
+from scn import io, report  # noqa: E402
 from scn.sweep import run_overrides  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,10 +59,8 @@ def main(argv: list[str] | None = None) -> None:
             "channels_left": s["channels_left"],
             "run_dir": s["run_dir"],
         })
-    command = "python scripts/bench_cifar10.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    io.write_json(args.out / f"{args.name}.json",
-                  {"command": command.strip(), "machine": machine(), "experiment": args.experiment,
-                   "results": results})
+    report.write_benchmark(args.out / f"{args.name}.json", "scripts/bench_cifar10.py",
+                           sys.argv[1:] if argv is None else argv, results, experiment=args.experiment)
     plot(results, args.out / f"{args.name}.png")
     for r in results:
         print(f"{r['method']:>14}: {r['test_accuracy']:.2f}%  {r['bits_per_weight']:.3f} bits/weight "

@@ -12,7 +12,6 @@ benchmark resumes). Writes docs/results/fashion_mnist.json and fashion_mnist.png
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
@@ -21,8 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from scn import io  # noqa: E402
-from scn.experiment import machine  # noqa: E402
+from scn import io, report  # noqa: E402
 from scn.sweep import run_overrides  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,9 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     for r in results:
         r["accuracy_drop_vs_float"] = base["test_accuracy"] - r["test_accuracy"]
         r["step_time_ratio_vs_float"] = r["step_time_s"] / base["step_time_s"]
-    command = "python scripts/bench_fashion_mnist.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    io.write_json(args.out / "fashion_mnist.json",
-                  {"command": command.strip(), "machine": machine(), "results": results})
+    report.write_benchmark(args.out / "fashion_mnist.json", "scripts/bench_fashion_mnist.py",
+                           sys.argv[1:] if argv is None else argv, results)
     plot(results, args.out / "fashion_mnist.png")
     for r in results:
         print(f"{r['method']:>14}: {r['test_accuracy']:6.2f}%  {r['bits_per_weight']:6.3f} bits/weight  "

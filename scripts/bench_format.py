@@ -13,7 +13,6 @@ format.png to --out (default docs/results).
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 import sys
 import tempfile
@@ -25,9 +24,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from scn import checkpoint, io, size  # noqa: E402
+from scn import checkpoint, io, report, size  # noqa: E402
 from scn import format as scn_format  # noqa: E402
-from scn.experiment import machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("none", "fixed8", "fixed4", "self_compress")
@@ -113,9 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         results = [measure(p, method, args.repeat, Path(tmp)) for method, p in runs]
-    command = "python scripts/bench_format.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    io.write_json(args.out / "format.json",
-                  {"command": command.strip(), "machine": machine(), "results": results})
+    report.write_benchmark(args.out / "format.json", "scripts/bench_format.py",
+                           sys.argv[1:] if argv is None else argv, results)
     plot(results, args.out / "format.png")
     for r in results:
         print(f"{r['method']:>14}: file {r['file_bytes']:>9,} B  ideal {r['ideal_bytes']:>11,.1f} B "

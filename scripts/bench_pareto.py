@@ -21,12 +21,10 @@ Writes docs/results/pareto.csv, pareto.json, pareto_bytes.png and pareto_bits.pn
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
-from scn import aggregate, io, report
-from scn.experiment import machine
+from scn import aggregate, report
 from scn.sweep import run_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,9 +71,8 @@ def main(argv: list[str] | None = None) -> None:
                "wall_time_s", "status", "run_dir"]
     table = [{k: r.get(k) for k in columns} for r in rows]
     report.write_csv(args.out / "pareto.csv", table)
-    command = "python scripts/bench_pareto.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    io.write_json(args.out / "pareto.json", {"command": command.strip(), "machine": machine(),
-                                             "results": table})
+    report.write_benchmark(args.out / "pareto.json", "scripts/bench_pareto.py",
+                           sys.argv[1:] if argv is None else argv, table)
     aggregate.plot_pareto(rows, "file_bytes", args.out / "pareto_bytes.png", log_x=True)
     aggregate.plot_pareto(rows, "bits_per_weight", args.out / "pareto_bits.png")
     for r in sorted(table, key=lambda r: (r["method"], r["bits_per_weight"] or 0)):

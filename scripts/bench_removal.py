@@ -15,7 +15,6 @@ removal.png; run folders go under --runs and are reused when finished (resumable
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 import sys
 import time
@@ -28,14 +27,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from scn import checkpoint, io  # noqa: E402
-from scn.experiment import machine  # noqa: E402
+from scn import checkpoint, io, report  # noqa: E402
 from scn.sweep import run_overrides  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # A wider CNN and a firmer size-loss weight than the default job: enough channels die for
 # removal to matter, and the comparison is between methods on the same recipe.
-COMMON = ["+experiment=fashion_mnist_cnn", "model.width=32", "size_loss.gamma=0.3"]
+COMMON = ["+experiment=fashion_mnist_cnn", "model.width=32", "size_loss.gamma=0.5",
+          "trainer.lr_quant=0.01"]
 METHODS = {
     "none": ["quant=none"],
     "masked": ["trainer.surgery=masked"],
@@ -100,10 +99,8 @@ def main(argv: list[str] | None = None) -> None:
         r["flop_ratio"] = r["flops"] / base["flops"]
         r["latency_b1_ratio"] = r["latency_b1_ms"] / base["latency_b1_ms"]
         r["latency_b256_ratio"] = r["latency_b256_ms"] / base["latency_b256_ms"]
-    command = "python scripts/bench_removal.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    io.write_json(args.out / "removal.json",
-                  {"command": command.strip(), "machine": machine(), "common_overrides": COMMON,
-                   "results": results})
+    report.write_benchmark(args.out / "removal.json", "scripts/bench_removal.py",
+                           sys.argv[1:] if argv is None else argv, results, common_overrides=COMMON)
     plot(results, args.out / "removal.png")
     for r in results:
         print(f"{r['method']:>8}: train {r['wall_time_s']:7.1f}s ({r['wall_time_ratio']:.2f}x)  "

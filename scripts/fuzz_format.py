@@ -25,7 +25,6 @@ import hashlib
 import json
 import random
 import resource
-import shlex
 import signal
 import sys
 import tempfile
@@ -39,11 +38,10 @@ import numpy as np
 import torch
 
 from scn import format as fmt
-from scn import io
 from scn.errors import FormatError
-from scn.experiment import machine
 from scn.models import build
 from scn.quant import Scheme, quantize_, sc_layers
+from scn.report import write_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTCOMES = ("ok", "format_error", "crash", "hang", "huge_allocation")
@@ -390,18 +388,19 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     limit_memory(args.memory_cap_gb)
     with tempfile.TemporaryDirectory() as tmp:
-        report = fuzz(args.cases, args.seed, args.time_limit, args.max_growth_mb, Path(tmp),
-                      progress=True)
-    command = "python scripts/fuzz_format.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    io.write_json(args.out / "fuzz.json", {"command": command.strip(), "machine": machine(), **report})
-    print(f"{report['cases']} cases in {report['runtime_s']} s: {report['crashes']} crashes, "
-          f"{report['hangs']} hangs, {report['huge_allocations']} huge allocations")
-    for r in report["results"]:
+        outcome = fuzz(args.cases, args.seed, args.time_limit, args.max_growth_mb, Path(tmp),
+                       progress=True)
+    counts = {k: v for k, v in outcome.items() if k != "results"}
+    write_benchmark(args.out / "fuzz.json", "scripts/fuzz_format.py",
+                    sys.argv[1:] if argv is None else argv, outcome["results"], **counts)
+    print(f"{outcome['cases']} cases in {outcome['runtime_s']} s: {outcome['crashes']} crashes, "
+          f"{outcome['hangs']} hangs, {outcome['huge_allocations']} huge allocations")
+    for r in outcome["results"]:
         print(f"  {r['category']:>18}: {r['cases']:>5} cases  " +
               "  ".join(f"{o} {r[o]}" for o in OUTCOMES))
-    for f in report["failures"][:10]:
+    for f in outcome["failures"][:10]:
         print(f"  case {f['case']} ({f['category']}, {f['base']}): {f['outcome']}: {f['detail']}")
-    return 1 if report["crashes"] or report["hangs"] or report["huge_allocations"] else 0
+    return 1 if outcome["crashes"] or outcome["hangs"] or outcome["huge_allocations"] else 0
 
 
 if __name__ == "__main__":
