@@ -78,7 +78,7 @@ def plot_curves(history: list[dict], path: str | Path, title: str = "") -> None:
     a = ax[0, 0]
     a.plot([r["bits_per_weight"] for r in history], [r["test_accuracy"] for r in history], "o-")
     a.set(xlabel="bits per weight", ylabel="test accuracy (%)",
-          title="accuracy vs size over training (arrow of time: last point is final)")
+          title="accuracy vs size during training (\"end\" marks the final model)")
     a.annotate("end", (history[-1]["bits_per_weight"], history[-1]["test_accuracy"]))
     a = ax[0, 1]
     a.plot(steps, [r["bits_per_weight"] for r in history], "o-", label="bits per weight")

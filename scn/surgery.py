@@ -282,6 +282,36 @@ def _capture_inputs(model: nn.Module, names: set[str], input_shape, device) -> d
     return seen
 
 
+def settle_norms(model: nn.Module, graph: ChannelGraph) -> int:
+    """Align the running mean of every BatchNorm channel whose input is constant with it.
+
+    A dead producer feeds its BatchNorm a constant. In training the BatchNorm then outputs
+    exactly its bias (batch mean = the constant, batch variance 0), but its running statistics
+    still remember the live channel and fade only slowly, so in eval mode it outputs something
+    else: evaluations right after a death go wrong, and a fold would carry a value training
+    never saw. With the running mean set to the constant, eval mode agrees with training.
+    Returns the number of channels changed. Call it before `prune` and before evaluating.
+    """
+    names = {name for space in graph.spaces for name in space.norms}
+    if not names:
+        return 0
+    device = next(model.parameters()).device
+    inputs = _capture_inputs(model, names, graph.input_shape, device)
+    changed = 0
+    for name in names:
+        a, b = (x[0].flatten(1) for x in inputs[name])  # (channels, positions)
+        tol = 1e-6 * (1 + a.abs().amax(1))
+        constant = ((a - b).abs().amax(1) <= tol) & ((a - a[:, :1]).abs().amax(1) <= tol)
+        if not bool(constant.any()):
+            continue
+        norm = model.get_submodule(name)
+        value = a[:, 0].to(norm.running_mean.dtype)
+        stale = constant & (norm.running_mean != value)
+        norm.running_mean[stale] = value[stale]
+        changed += int(stale.sum())
+    return changed
+
+
 def _dead_inputs(name: str, inputs, channels: torch.Tensor, block: int):
     """What the given dead channels feed into layer `name`, as (values, uniform).
 

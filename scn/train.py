@@ -233,6 +233,7 @@ class Trainer:
         return nullcontext()
 
     def prune(self, physical: bool) -> int:
+        surgery.settle_norms(self.model, self.graph)  # fold what training saw, not stale stats
         result = surgery.prune(self.model, self.graph, physical=physical, optimizer=self.optimizer)
         if result.total:
             self._refresh()
@@ -299,6 +300,8 @@ class Trainer:
         if last and self.graph is not None:
             # The run always ends physically shrunk: the reported size is the file's.
             self.result.surgeries += bool(self.prune(physical=True))
+        elif self.graph is not None:
+            surgery.settle_norms(self.model, self.graph)  # channels dead since the last surgery
         w = self.window
         row = self.metrics_row(self.step / self.steps_per_epoch, float(w.loss / w.n),
                                float(w.task / w.n), float(self.q_now), gamma)

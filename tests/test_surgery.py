@@ -224,3 +224,24 @@ def test_dead_channel_carrying_an_earlier_fold_is_kept_not_broken():
     assert result.kept_nonuniform == 1 and result.total == 0
     assert net[3].weight.shape[0] == 2
     assert rel_err(net(x), before) < 1e-5
+
+
+def test_settled_norms_make_eval_agree_with_training_for_dead_channels():
+    # A channel dies; its BatchNorm still holds the running mean of the live channel. In train
+    # mode the channel outputs exactly the BatchNorm bias; after settling, eval mode does too.
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(3 * 6 * 6, 2))
+    quantize_(net, Scheme())
+    randomize_norms(net)
+    net[0].b.data[1] = 0.0
+    graph = surgery.trace(net, torch.randn(1, 1, 6, 6))
+    x = torch.randn(5, 1, 6, 6)
+    assert surgery.settle_norms(net, graph) == 1
+    assert surgery.settle_norms(net, graph) == 0  # nothing stale any more
+    train_out = net[1].train()(net[0](x))[:, 1]
+    eval_out = net[1].eval()(net[0](x))[:, 1]
+    assert torch.allclose(train_out, eval_out)
+    assert torch.allclose(eval_out, net[1].bias[1].expand_as(eval_out))
+    live = net[1].running_mean[[0, 2]].clone()
+    surgery.settle_norms(net, graph)
+    assert torch.equal(net[1].running_mean[[0, 2]], live)  # live channels untouched
