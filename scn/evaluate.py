@@ -93,8 +93,13 @@ def export(model: nn.Module, header: dict, path: str | Path) -> list[str]:
 
 
 def measure(path: str | Path, dataset: str | None = None, root: str | None = None,
-            device: str = "cpu", batch_size: int = 1000) -> tuple[dict, nn.Module, dict]:
-    """Decode `path`, evaluate it; returns (results, model, header)."""
+            device: str = "cpu", batch_size: int = 1000,
+            channels_last: bool = True) -> tuple[dict, nn.Module, dict]:
+    """Decode `path`, evaluate it; returns (results, model, header).
+
+    Evaluation runs as scn-train's does (channels-last layout, batches of 1000 by default), so
+    the same arithmetic gives the same predictions the run reported, bit for bit.
+    """
     from scn.train import evaluate
 
     model, header = scn_format.load(path, device=device)
@@ -106,7 +111,9 @@ def measure(path: str | Path, dataset: str | None = None, root: str | None = Non
     if data.num_classes != _num_outputs(model):
         raise DataError(f"dataset {name} has {data.num_classes} classes but the model has "
                         f"{_num_outputs(model)} outputs; pick the dataset it was trained on.")
-    acc, _ = evaluate(model, data.to(device), batch_size=batch_size)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    acc, _ = evaluate(model, data.to(device), batch_size=batch_size, channels_last=channels_last)
     rep = size.report(model)
     stats = scn_format.file_stats(path)
     results = {
@@ -152,6 +159,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--root", metavar="DIR", help="where the fashion_mnist IDX files are")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     p.add_argument("--batch-size", type=int, default=1000, help="test batch size (default 1000)")
+    p.add_argument("--nchw", action="store_true",
+                   help="evaluate in NCHW layout (default: channels-last, as scn-train evaluates)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--export", metavar="OUT.safetensors",
                    help="also write a plain float state_dict of the shrunk model")
@@ -166,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise ScnError(f"--device={args.device} but CUDA is not available here; use --device cpu.")
         results, model, header = measure(args.path, args.dataset, args.root, args.device,
-                                         args.batch_size)
+                                         args.batch_size, channels_last=not args.nchw)
         if args.export:
             results["export"] = str(args.export)
             try:

@@ -26,6 +26,7 @@ from dying before the weights have learned anything.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -166,16 +167,41 @@ class SCLayer:
         return self.int_bits() > 0
 
     def effective_weight(self) -> torch.Tensor:
-        """The weight the forward pass uses: quantized, with dead inputs zeroed."""
+        """The weight the forward pass uses: quantized, with dead inputs zeroed.
+
+        Inside `frozen(model)` (evaluation, inference) it is computed once and reused.
+        """
+        return self._cached("weight", self._quantized_weight)
+
+    def _cached(self, key, compute) -> torch.Tensor:
+        cache = self.__dict__.get("_scn_frozen")
+        if cache is None:
+            return compute()
+        if key not in cache:
+            cache[key] = compute()
+        return cache[key]
+
+    def _quantized_weight(self) -> torch.Tensor:
         w = self.weight
         if self.b is not None:
             w = quantize(w, self.b, self.e, self.round_bits)
         # Always multiply (no `if mask.all()`): a branch on a GPU tensor would sync the host.
         shape = (1, -1) + (1,) * (w.dim() - 2)
-        return w * self.in_alive.view(shape).to(w.dtype)
+        w = w * self.in_alive.view(shape).to(w.dtype)
+        if w.stride() != self.weight.stride():
+            # Keep the parameter's exact layout: with one input channel, channels-last and NCHW
+            # strides differ only on a size-1 dimension, and elementwise ops may pick NCHW,
+            # which would send the convolution and everything after it down the NCHW path.
+            w = torch.empty_like(self.weight).copy_(w)
+        return w
 
     def kernel_numel(self) -> int:
         return int(math.prod(self.weight.shape[2:]))
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if cl else torch.contiguous_format
 
 
 class SCConv2d(nn.Conv2d, SCLayer):
@@ -190,8 +216,14 @@ class SCConv2d(nn.Conv2d, SCLayer):
     def _offset_map(self, x: torch.Tensor) -> torch.Tensor:
         # The folded inputs were constant images; convolving a ones-image with the folded
         # kernel gives their exact contribution, zero padding at the borders included.
-        ones = x.new_ones((1, 1) + tuple(x.shape[-2:]))
-        return self._conv_forward(ones, self.input_offset.to(x.dtype), None)
+        def compute() -> torch.Tensor:
+            ones = x.new_ones((1, 1) + tuple(x.shape[-2:]))
+            offset = self._conv_forward(ones, self.input_offset.to(x.dtype), None)
+            # Match the input's layout: adding an NCHW map to a channels-last output would
+            # turn the output, and every layer after it, into the slower NCHW layout.
+            return offset.contiguous(memory_format=_layout(x))
+
+        return self._cached(("offset", tuple(x.shape[-2:]), x.dtype, x.device), compute)
 
 
 class SCLinear(nn.Linear, SCLayer):
@@ -225,6 +257,23 @@ def _converted(layer: nn.Module, bits: float | None, learn_bits: bool, round_bit
     new.train(layer.training)
     new._init_quant(bits, learn_bits, round_bits)
     return new
+
+
+@contextmanager
+def frozen(model: nn.Module):
+    """Reuse each layer's quantized weights (and folded offsets) for every forward pass inside.
+
+    Quantizing the weights costs about as much as a forward pass at batch size 1; evaluation
+    and inference, where nothing changes, need it once. Changing the model inside is a bug.
+    """
+    layers = [m for m in model.modules() if isinstance(m, SCLayer)]
+    for layer in layers:
+        layer.__dict__["_scn_frozen"] = {}
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("_scn_frozen", None)
 
 
 def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from scn import config, size, surgery
 from scn.data import ImageData, batches
 from scn.errors import ConfigError, NumericalError
-from scn.quant import quant_parameters, sc_layers, weight_parameters
+from scn.quant import frozen, quant_parameters, sc_layers, weight_parameters
 
 SURGERY_MODES = ("physical", "masked", "off")
 
@@ -116,7 +116,7 @@ def evaluate(model: nn.Module, data: ImageData, batch_size: int = 1000,
     preds = []
     device = data.test_x.device
     use_amp = amp and device.type == "cuda"
-    with torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext():
+    with frozen(model), torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext():
         for xb, _ in batches(data, "test", batch_size, channels_last=channels_last):
             preds.append(model(xb).argmax(1))
     model.train(was_training)
@@ -222,6 +222,8 @@ class Trainer:
 
     def _refresh(self) -> None:
         """Recompute what depends on the model's shapes (after surgery)."""
+        if self.channels_last:  # sliced tensors come back in NCHW: restore the fast layout
+            self.model.to(memory_format=torch.channels_last)
         self.fixed_bits = size.fixed_bits(self.model).to(self.device)
         self.forward = self.model
         if self.cfg.compile:

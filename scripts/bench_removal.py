@@ -28,12 +28,13 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from scn import checkpoint, io, report  # noqa: E402
+from scn.quant import frozen  # noqa: E402
 from scn.sweep import run_overrides  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # A wider CNN and a firmer size-loss weight than the default job: enough channels die for
 # removal to matter, and the comparison is between methods on the same recipe.
-COMMON = ["+experiment=fashion_mnist_cnn", "model.width=32", "size_loss.gamma=0.5",
+COMMON = ["+experiment=fashion_mnist_cnn", "model.width=24", "size_loss.gamma=0.5",
           "trainer.lr_quant=0.01"]
 METHODS = {
     "none": ["quant=none"],
@@ -49,9 +50,9 @@ def flops(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def latency_ms(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
-    """Median wall time of one forward pass, after warm-up."""
+    """Median wall time of one forward pass, after warm-up, weights quantized once (deployed)."""
     times = []
-    with torch.no_grad():
+    with torch.no_grad(), frozen(model):
         for i in range(repeats + 3):
             t0 = time.perf_counter()
             model(x)

@@ -198,10 +198,11 @@ def test_trained_model_round_trips_exactly(trained, data):
     assert not loaded.training
     assert header["dataset"]["classes"] == data.classes and header["dataset"]["input_shape"] == [1, 28, 28]
     weights_equal(model, loaded)  # the run ended physically pruned: nothing else to remove
-    acc_a, pred_a = evaluate_model(model, data)
-    acc_b, pred_b = evaluate_model(loaded, data)
+    loaded = loaded.to(memory_format=torch.channels_last)  # the layout training left the model in
+    acc_a, pred_a = evaluate_model(model, data, channels_last=True)
+    acc_b, pred_b = evaluate_model(loaded, data, channels_last=True)
     assert torch.equal(pred_a, pred_b) and acc_a == acc_b
-    x = data.normalize(data.test_x)
+    x = data.normalize(data.test_x).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
     assert size.report(loaded).total_bits == size.report(model).total_bits

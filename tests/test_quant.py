@@ -137,3 +137,20 @@ def test_quantized_forward_matches_functional():
     layer = net[0]
     expected = torch.nn.functional.conv2d(x, quantize(layer.weight, layer.b, layer.e), layer.bias)
     assert torch.allclose(layer(x), expected)
+
+
+def test_frozen_quantizes_once_and_changes_nothing(monkeypatch):
+    net = quantize_(_net(), Scheme(init_bits=3)).eval()
+    x = torch.randn(2, 1, 6, 6)
+    expected = net(x)
+    calls = []
+    original = SCConv2d._quantized_weight
+    monkeypatch.setattr(SCConv2d, "_quantized_weight", lambda self: calls.append(1) or original(self))
+    from scn.quant import frozen
+
+    with torch.no_grad(), frozen(net):
+        for _ in range(3):
+            assert torch.equal(net(x), expected)
+    assert len(calls) == 1
+    net(x)
+    assert len(calls) == 2  # outside, every forward quantizes again (weights may have changed)
