@@ -208,10 +208,21 @@ class SCConv2d(nn.Conv2d, SCLayer):
     """nn.Conv2d whose weights go through q(x, b, e) (or stay float when b is None)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._conv_forward(x, self.effective_weight(), self.bias)
+        if self._strided_pointwise() and x.device.type == "cpu":
+            # oneDNN's backward pass of a strided 1x1 convolution over a few channels-last input
+            # channels hangs or corrupts memory on AVX2 CPUs (seen with torch 2.14). Subsampling
+            # first is the same convolution, exactly, with a quarter of the work.
+            sh, sw = self.stride
+            y = F.conv2d(x[:, :, ::sh, ::sw], self.effective_weight(), self.bias)
+        else:
+            y = self._conv_forward(x, self.effective_weight(), self.bias)
         if self.input_offset.numel():
             y = y + self._offset_map(x)
         return y
+
+    def _strided_pointwise(self) -> bool:
+        return (self.kernel_size == (1, 1) and self.stride != (1, 1) and self.padding in ((0, 0), "valid")
+                and self.groups == 1)
 
     def _offset_map(self, x: torch.Tensor) -> torch.Tensor:
         # The folded inputs were constant images; convolving a ones-image with the folded

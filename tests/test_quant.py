@@ -139,6 +139,24 @@ def test_quantized_forward_matches_functional():
     assert torch.allclose(layer(x), expected)
 
 
+@pytest.mark.parametrize("c_in", [1, 3, 4])
+def test_strided_pointwise_conv_is_the_strided_convolution(c_in):
+    """A ResNet shortcut (1x1, stride 2) over a few channels-last inputs: the case that hangs
+    oneDNN's backward pass on AVX2 CPUs. Same values and gradients as the plain convolution."""
+    layer = quantize_(nn.Sequential(nn.Conv2d(c_in, 8, 1, stride=2, bias=False)), Scheme(init_bits=4))[0]
+    x = torch.randn(32, c_in, 15, 15).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = layer(x)
+    y.square().sum().backward()
+    x_ref = x.detach().contiguous().requires_grad_()
+    w_ref = quantize(layer.weight, layer.b, layer.e).detach().requires_grad_()
+    y_ref = torch.nn.functional.conv2d(x_ref, w_ref, stride=2)
+    y_ref.square().sum().backward()
+    assert y.shape == y_ref.shape == (32, 8, 8, 8)
+    assert torch.allclose(y, y_ref, atol=1e-5)
+    assert torch.allclose(x.grad, x_ref.grad, atol=1e-4)
+    assert layer.weight.grad is not None and layer.b.grad is not None
+
+
 def test_frozen_quantizes_once_and_changes_nothing(monkeypatch):
     net = quantize_(_net(), Scheme(init_bits=3)).eval()
     x = torch.randn(2, 1, 6, 6)

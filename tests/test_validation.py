@@ -32,7 +32,8 @@ NO_DATA = ["dataset=fashion_mnist", "dataset.root=/no/such/folder", "dataset.dow
     ("+trainer.colour=red", "trainer.colour='red' is not a setting: trainer has no key 'colour'. "
                             "Its valid keys are amp, batch_size, channels_last, checkpoint_every,"),
     ("quant.round_bits=maybe", "quant.round_bits='maybe' is invalid: it must be true or false."),
-    ("quant.kind=magic", "quant.kind='magic' is invalid: it must be one of self_compress, fixed, none, diffq."),
+    ("quant.kind=magic",
+     "quant.kind='magic' is invalid: it must be one of self_compress, fixed, none, diffq."),
     ("quant.init_bits=abc", "quant.init_bits='abc' is invalid: it must be a number."),
     ("quant.init_bits=17", "quant.init_bits=17 is out of range"),
     ("+quant.colour=red", "quant.colour='red' is not a setting"),
