@@ -15,14 +15,30 @@ from scn import io  # noqa: E402
 
 
 def machine() -> str:
-    """What ran this: the GPU's name, or the CPU and its thread count."""
-    import platform
+    """What ran this: the GPU's name, or the CPU (model, widest vector ISA, threads); and torch.
 
+    CPU timings differ threefold between two "2-core x86_64" machines (AVX-512 or not), so a
+    benchmark names the processor, not only its architecture."""
     import torch
 
     if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} CPU threads"
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return f"{_cpu_name()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
+
+
+def _cpu_name() -> str:
+    import platform
+
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                 if line.startswith("model name")), platform.machine())
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines()
+                      if line.startswith("flags")), []))
+    isa = next((f for f, flag in (("AVX-512", "avx512f"), ("AVX2", "avx2")) if flag in flags), None)
+    return f"{name} ({isa})" if isa else name
 
 
 def write_benchmark(path: str | Path, script: str, argv: list[str], results: list[dict],

@@ -71,13 +71,12 @@ def main(argv: list[str] | None = None) -> None:
 
     summaries = {m: run_overrides([*COMMON, *o, *args.overrides], args.runs / m)
                  for m, o in METHODS.items()}
-    float_model, header = checkpoint.load_checkpoint(Path(summaries["none"]["run_dir"]) / "model.safetensors")
+    _, header = checkpoint.load_checkpoint(Path(summaries["none"]["run_dir"]) / "model.safetensors")
     shape = (1, *header["dataset"]["input_shape"])
     results = []
     for method, summary in summaries.items():
         model, _ = checkpoint.load_checkpoint(Path(summary["run_dir"]) / "model.safetensors")
-        deployed = float_model if method == "masked" else model  # masking keeps the float shapes
-        deployed = deployed.eval().to(memory_format=torch.channels_last)
+        deployed = model.eval().to(memory_format=torch.channels_last)  # masked: the float shapes
         x1 = torch.randn(shape).contiguous(memory_format=torch.channels_last)
         x256 = torch.randn(256, *shape[1:]).contiguous(memory_format=torch.channels_last)
         results.append({
@@ -86,8 +85,7 @@ def main(argv: list[str] | None = None) -> None:
             "test_accuracy": summary["test_accuracy"],
             "bits_per_weight": summary["bits_per_weight"],
             "step_time_s": summary["step_time_s"],
-            "param_count": sum(p.numel() for p in deployed.parameters()) if method == "masked"
-            else summary["param_count"],
+            "param_count": summary["param_count"],
             "flops": flops(deployed, x1),
             "latency_b1_ms": latency_ms(deployed, x1, args.repeats * 10),
             "latency_b256_ms": latency_ms(deployed, x256, args.repeats),

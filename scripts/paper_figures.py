@@ -100,6 +100,8 @@ def fig_bits_over_training(rows: list[dict], path: Path) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("fmnist_overrides", nargs="*",
+                        help="extra Hydra overrides for the Fashion-MNIST points (as for bench_pareto.py)")
     parser.add_argument("--full", action="store_true", help="the GPU CIFAR-10 config")
     parser.add_argument("--cifar-root", default=None, help="dataset.root for CIFAR-10")
     parser.add_argument("--no-cifar", action="store_true")
@@ -107,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = args.out
 
-    fm = run_all(ROOT / "outputs/bench/fashion_mnist", "fashion_mnist_cnn", FMNIST_POINTS, [])
+    fm = run_all(ROOT / "outputs/bench/fashion_mnist", "fashion_mnist_cnn", FMNIST_POINTS,
+                 args.fmnist_overrides)
     aggregate.plot_pareto(fm, "bits_per_weight", out / "fig_accuracy_vs_size_fashion_mnist.png")
     aggregate.plot_pareto(fm, "file_bytes", out / "fig_accuracy_vs_bytes_fashion_mnist.png", log_x=True)
     report.write_csv(out / "accuracy_vs_size_fashion_mnist.csv", aggregate.csv_rows(fm))
