@@ -44,6 +44,7 @@ class TrainConfig:
     log_every: int = 25  # steps between progress-bar updates (a host-device sync on GPU)
     surgery: str = "physical"  # physical: remove dead channels; masked: only mask them; off
     prune_every: int = 200  # steps between surgeries; 0 = no surgery (as surgery=off)
+    channel_multiple: int = 1  # physical surgery leaves channel counts at multiples of this
     checkpoint_every: int = 500  # steps between training checkpoints (resume); 0 = at the end only
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
     amp: bool = True  # bf16 autocast on CUDA (CPU always runs float32)
@@ -60,6 +61,7 @@ class TrainConfig:
         "warmup": config.Range(0, 1, high_open=True), "eval_every": config.NON_NEGATIVE,
         "log_every": config.POSITIVE, "surgery": SURGERY_MODES,
         "prune_every": config.NON_NEGATIVE, "checkpoint_every": config.NON_NEGATIVE,
+        "channel_multiple": config.POSITIVE,
     }
 
     def __post_init__(self) -> None:
@@ -236,7 +238,8 @@ class Trainer:
 
     def prune(self, physical: bool) -> int:
         surgery.settle_norms(self.model, self.graph)  # fold what training saw, not stale stats
-        result = surgery.prune(self.model, self.graph, physical=physical, optimizer=self.optimizer)
+        result = surgery.prune(self.model, self.graph, physical=physical, optimizer=self.optimizer,
+                               multiple=self.cfg.channel_multiple)
         if result.total:
             self._refresh()
         return result.total

@@ -37,7 +37,8 @@ def points() -> list[tuple[str, str, float | None, list[str]]]:
     """(run name, method, knob, overrides) for every point of the plot."""
     pts = [("none", "none", None, ["quant=none"])]
     pts += [(f"fixed{b}", "fixed", b, ["quant=fixed", f"quant.init_bits={b}"]) for b in FIXED_BITS]
-    pts += [(f"diffq_p{p:g}", "diffq", p, ["quant=diffq", f"size_loss.gamma={p}"])
+    # DiffQ's own default: its size penalty at full weight from the first step.
+    pts += [(f"diffq_p{p:g}", "diffq", p, ["quant=diffq", "size_loss=constant", f"size_loss.gamma={p}"])
             for p in DIFFQ_PENALTIES]
     # The folders of the gamma sweep (module docstring): the same runs, trained once.
     pts += [(f"gamma_sweep/gamma_{g}", "self_compress", g,

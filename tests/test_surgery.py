@@ -90,6 +90,34 @@ def test_physical_removal_shrinks_shapes_and_size():
     assert rep.reference_scalars == size.Reference.of(SmallCNN(width=6)).scalars  # same denominator
 
 
+@pytest.mark.parametrize("arch", ["small_cnn", "resnet"])
+def test_removal_in_multiples_leaves_aligned_channel_counts(arch):
+    """multiple=4: every space keeps a multiple of 4 channels (the other dead ones stay,
+    masked at 0 bits), the outputs do not change, and later surgeries finish the job."""
+    gen = torch.Generator().manual_seed(3)
+    if arch == "small_cnn":
+        model, x = quantize_(SmallCNN(width=12), Scheme(init_bits=6)), torch.randn(8, 1, 28, 28)
+    else:
+        model, x = quantize_(ResNet(width=12, blocks=(1, 1)), Scheme(init_bits=6)), torch.randn(8, 3, 16, 16)
+    randomize_norms(model)
+    graph = surgery.trace(model, x)
+    kill(model, 0.45, gen)
+    model.eval()
+    before = model(x)
+    dead_before = size.report(model).dead_channels
+    widths_before = [layer.weight.shape[0] for _, layer in sc_layers(model)[:-1]]
+    result = surgery.prune(model, graph, multiple=4)
+    assert result.total > 0
+    assert rel_err(model(x), before) < 1e-5
+    widths = [layer.weight.shape[0] for _, layer in sc_layers(model)[:-1]]
+    assert all(w % 4 == 0 for w in widths), widths
+    assert sum(widths) < sum(widths_before)
+    assert 0 < size.report(model).dead_channels < dead_before  # some removed, some only masked
+    surgery.prune(model, graph, multiple=1)  # the rest can still go
+    assert size.report(model).dead_channels < 4 * len(widths)
+    assert rel_err(model(x), before) < 1e-5
+
+
 def test_linear_after_flatten_loses_whole_blocks():
     model, x = small_cnn()
     graph = surgery.trace(model, x)
