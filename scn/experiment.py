@@ -65,12 +65,17 @@ class Experiment:
 # (`resume` and checkpoint_every included: a resumed run ends exactly as an uninterrupted one).
 _HASH_IGNORED = {("trainer", "progress"), ("trainer", "log_every"), ("trainer", "checkpoint_every")}
 _HASH_IGNORED_TOP = {"hydra", "resume"}
+# Settings added after runs were made, at the value that does what those runs did: left out of
+# the hash, so that a new setting does not turn every finished run into "another config".
+_HASH_NEUTRAL = {("trainer", "channel_multiple"): 1}
 
 
 def _hashed(config: dict | None) -> dict:
     """The part of a resolved config that decides the result."""
-    return {k: ({kk: vv for kk, vv in v.items() if (k, kk) not in _HASH_IGNORED}
-                if isinstance(v, dict) else v)
+    def kept(k: str, kk: str, vv) -> bool:
+        return (k, kk) not in _HASH_IGNORED and _HASH_NEUTRAL.get((k, kk), _UNSET) != vv
+
+    return {k: ({kk: vv for kk, vv in v.items() if kept(k, kk, vv)} if isinstance(v, dict) else v)
             for k, v in (config or {}).items() if k not in _HASH_IGNORED_TOP}
 
 

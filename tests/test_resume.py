@@ -314,6 +314,17 @@ def test_checkpoint_settings_do_not_change_the_config_hash():
     assert ha == hb
 
 
+def test_a_new_setting_at_its_neutral_value_keeps_finished_runs_recognisable():
+    """A run finished before trainer.channel_multiple existed is the same config as one with
+    channel_multiple=1; with 8 it is another."""
+    config = OmegaConf.to_container(compose_config(IN_PROCESS), resolve=True)
+    before = {**config, "trainer": {k: v for k, v in config["trainer"].items() if k != "channel_multiple"}}
+    assert config["trainer"]["channel_multiple"] == 1
+    assert experiment.config_hash(before) == experiment.config_hash(config)
+    config["trainer"]["channel_multiple"] = 8
+    assert experiment.config_hash(before) != experiment.config_hash(config)
+
+
 def test_a_sweep_goes_on_when_one_run_diverges(tmp_path):
     sweep = tmp_path / "sweep"
     proc = subprocess.run([str(SCN_TRAIN), "-m", "dataset=synthetic", "trainer.max_steps=3",

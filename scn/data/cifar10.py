@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from scn.data.core import Augment, ImageData
+from scn.data.core import Augment, ImageData, existing_folder
 from scn.data.image_folder import image_files, image_folder
 from scn.errors import ConfigError, DataError
 
@@ -83,14 +83,10 @@ def cifar10(root: str | None = None, source: str = "auto", cache_dir: str | None
         raise ConfigError(f"dataset.source={source!r} must be one of {', '.join(SOURCES)}")
     augment = augment or Augment(crop_padding=4, flip=True)
     if root is not None:
-        path = Path(root).expanduser()
-        if not path.is_dir():
-            raise DataError(
-                f"dataset.root={root} does not exist. Point it at a CIFAR-10 ImageFolder tree "
-                f"(e.g. /work/shared/data/cifar10-jpeg) or at a folder holding torchvision's "
-                f"{BATCHES}/ (create the folder first to download into it), or leave it unset "
-                f"to use ./data and torchvision's download."
-            )
+        path = existing_folder(root, (
+            f"Point it at a CIFAR-10 ImageFolder tree (e.g. /work/shared/data/cifar10-jpeg) or at "
+            f"a folder holding torchvision's {BATCHES}/ (create the folder first to download into "
+            f"it), or leave it unset to use ./data and torchvision's download."))
         if path.name == BATCHES and (path / "data_batch_1").is_file():
             path = path.parent  # pointed at the batches folder itself: torchvision wants its parent
     else:

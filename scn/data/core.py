@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+
+from scn.errors import DataError
 
 
 @dataclass
@@ -62,6 +65,14 @@ class ImageData:
         """uint8 images to normalised float32."""
         shape = (1, -1, 1, 1)
         return (x.float() / 255 - self.mean.view(shape)) / self.std.view(shape)
+
+
+def existing_folder(root: str | Path, advice: str) -> Path:
+    """`root` as a Path when it is a folder; otherwise a DataError naming it, then `advice`."""
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise DataError(f"dataset.root={root} does not exist or is not a folder. {advice}")
+    return path
 
 
 def channel_stats(x: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scn.data.core import Augment, ImageData
+from scn.data.core import Augment, ImageData, existing_folder
 from scn.errors import ConfigError, DataError
 
 # torchvision.datasets.folder.IMG_EXTENSIONS
@@ -292,14 +292,8 @@ def image_folder(root: str, image_size: int | Sequence[int] | None = None,
     if root is None or str(root) == "":
         raise ConfigError("dataset.root is not set: point it at a folder holding "
                           "train/<class>/<images> and test/<class>/<images>")
-    path = Path(root).expanduser()
-    if not path.is_dir():
-        raise DataError(
-            f"dataset.root={root} does not exist or is not a folder. Point it at a folder "
-            f"holding train/<class>/<images> and test/<class>/<images> (torchvision's "
-            f"ImageFolder layout)."
-        )
-    path = path.resolve()
+    path = existing_folder(root, "Point it at a folder holding train/<class>/<images> and "
+                           "test/<class>/<images> (torchvision's ImageFolder layout).").resolve()
     classes, files = scan(path)
     fp = fingerprint(path, files)
     cache = _cache_file(Path(cache_dir).expanduser() if cache_dir else default_cache_dir(),
