@@ -167,7 +167,7 @@ def run_row(run_dir: str | Path, sweep_dir: str | Path | None = None, warn: Warn
                    weights_left_pct=summary.get("weights_left_pct"),
                    channels_left_pct=_channels_left_pct(summary),
                    param_count=summary.get("param_count"), steps=summary.get("steps"),
-                   wall_time_s=summary.get("wall_time_s"))
+                   wall_time_s=summary.get("wall_time_s"), diffq_true_bytes=summary.get("diffq_true_bytes"))
     else:
         last = (read_metrics(run_dir) or [{}])[-1]
         row.update({k: last.get(k) for k in _FROM_METRICS})
