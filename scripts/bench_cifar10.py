@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default="cifar10_cpu", help="result file stem in --out")
     parser.add_argument("--runs", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "docs/results")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides and options in any order
     runs = args.runs or ROOT / "outputs/bench" / args.name
 
     results = []

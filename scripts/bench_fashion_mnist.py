@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every method")
     parser.add_argument("--runs", type=Path, default=ROOT / "outputs/bench/fashion_mnist")
     parser.add_argument("--out", type=Path, default=ROOT / "docs/results")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides and options in any order
 
     results = []
     for method, overrides in METHODS.items():

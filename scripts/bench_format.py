@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"run folders holding model.safetensors (default: {DEFAULT_RUNS}/<method>)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs/results")
     parser.add_argument("--repeat", type=int, default=5, help="timings are medians of this many runs")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides and options in any order
     runs = [(p.name, p) for p in args.runs] or [(m, DEFAULT_RUNS / m) for m in METHODS]
     missing = [str(p) for _, p in runs if not (p / "model.safetensors").is_file()]
     if missing:

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=Path, default=ROOT / "outputs/bench/fashion_mnist")
     parser.add_argument("--out", type=Path, default=ROOT / "docs/results")
     parser.add_argument("--skip", nargs="*", default=[], help="methods to leave out")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides and options in any order
 
     knobs = {}
     for name, method, knob, overrides in points():

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=Path, default=ROOT / "outputs/bench/removal")
     parser.add_argument("--out", type=Path, default=ROOT / "docs/results")
     parser.add_argument("--repeats", type=int, default=30)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides and options in any order
 
     summaries = {m: run_overrides([*COMMON, *o, *args.overrides], args.runs / m)
                  for m, o in METHODS.items()}

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cifar-root", default=None, help="dataset.root for CIFAR-10")
     parser.add_argument("--no-cifar", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "docs/results/figures")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides and options in any order
     out = args.out
 
     fm = run_all(ROOT / "outputs/bench/fashion_mnist", "fashion_mnist_cnn", FMNIST_POINTS,

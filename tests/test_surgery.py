@@ -27,8 +27,22 @@ def kill(model, fraction, generator, names=None):
     for name, layer in sc_layers(model):
         if layer.quantized and (names is None or name in names):
             dead = torch.rand(layer.b.shape, generator=generator) < fraction
-            layer.b.data[dead] = 0.2  # rounds to 0 bits
+            layer.b.data[dead.to(layer.b.device)] = 0.2  # rounds to 0 bits
     return model
+
+
+# Surgery must work where users train: the CUDA cases run wherever a GPU is present.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
+
+
+@pytest.fixture
+def exact_cuda():
+    """Full float32 on CUDA: TF32 convolutions would blur the 1e-5 comparisons below."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def small_cnn():
@@ -58,11 +72,13 @@ def rel_err(a, b):
     return float(((a - b).abs().max() / b.abs().max()).detach())
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("build", [small_cnn, resnet])
 @pytest.mark.parametrize("physical", [True, False])
-def test_outputs_unchanged(build, physical):
+def test_outputs_unchanged(build, physical, device, exact_cuda):
     gen = torch.Generator().manual_seed(1)
     model, x = build()
+    model, x = model.to(device), x.to(device)
     graph = surgery.trace(model, x)
     kill(model, 0.4, gen)
     if build is resnet:
@@ -150,11 +166,13 @@ def test_all_dead_layer_keeps_one_channel(build):
     assert surgery.prune(model, graph).total == 0  # nothing more to do, no crash
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("build", [small_cnn, resnet])
-def test_one_optimizer_step_equals_masked_model(build):
+def test_one_optimizer_step_equals_masked_model(build, device, exact_cuda):
     gen = torch.Generator().manual_seed(3)
     model, x = build()
-    y = torch.randint(0, 10, (len(x),))
+    model, x = model.to(device), x.to(device)
+    y = torch.randint(0, 10, (len(x),), device=device)
     graph = surgery.trace(model, x)
     cfg = TrainConfig(lr=1e-2, lr_quant=0.05)
 
@@ -182,9 +200,9 @@ def test_one_optimizer_step_equals_masked_model(build):
         module, _, attr = name.rpartition(".")
         expected = full.detach()
         if module in result.kept_out:
-            expected = expected.index_select(0, result.kept_out[module])
+            expected = expected.index_select(0, result.kept_out[module].to(device))
         if module in result.kept_in and attr == "weight":
-            expected = expected.index_select(1, result.kept_in[module])
+            expected = expected.index_select(1, result.kept_in[module].to(device))
         assert shrunk[name].shape == expected.shape, name
         assert torch.allclose(shrunk[name], expected, rtol=1e-5, atol=1e-6), name
 
