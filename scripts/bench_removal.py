@@ -22,6 +22,7 @@ Latency and FLOPs are measured on the first seed's final models.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -56,16 +57,24 @@ def flops(model: torch.nn.Module, x: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def latency_ms(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
-    """Median wall time of one forward pass, after warm-up, weights quantized once (deployed)."""
-    times = []
-    with torch.no_grad(), frozen(model):
+def latencies_ms(models: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median wall time of one forward pass of each model (deployed: weights quantized once).
+
+    The models are timed in turns (A, B, C, A, B, C, ...) after a warm-up of each, so a drift
+    in the machine's speed (clock, caches, other load) falls on every model alike instead of
+    on whichever happened to be measured first.
+    """
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        for model in models.values():
+            stack.enter_context(frozen(model))
         for i in range(repeats + 3):
-            t0 = time.perf_counter()
-            model(x)
-            if i >= 3:
-                times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+            for name, model in models.items():
+                t0 = time.perf_counter()
+                model(x)
+                if i >= 3:
+                    times[name].append(time.perf_counter() - t0)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -85,12 +94,16 @@ def main(argv: list[str] | None = None) -> None:
     summaries = {m: runs[0] for m, runs in seeded.items()}
     _, header = checkpoint.load_checkpoint(Path(summaries["none"]["run_dir"]) / "model.safetensors")
     shape = (1, *header["dataset"]["input_shape"])
-    results = []
+    models = {}
     for method, summary in summaries.items():
         model, _ = checkpoint.load_checkpoint(Path(summary["run_dir"]) / "model.safetensors")
-        deployed = model.eval().to(memory_format=torch.channels_last)  # masked: the float shapes
-        x1 = torch.randn(shape).contiguous(memory_format=torch.channels_last)
-        x256 = torch.randn(256, *shape[1:]).contiguous(memory_format=torch.channels_last)
+        models[method] = model.eval().to(memory_format=torch.channels_last)
+    x1 = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    x256 = torch.randn(256, *shape[1:]).contiguous(memory_format=torch.channels_last)
+    latency_b1 = latencies_ms(models, x1, args.repeats * 10)
+    latency_b256 = latencies_ms(models, x256, args.repeats)
+    results = []
+    for method, summary in summaries.items():
         runs = seeded[method]
         results.append({
             "method": method,
@@ -102,9 +115,9 @@ def main(argv: list[str] | None = None) -> None:
             "bits_per_weight": summary["bits_per_weight"],
             "step_time_s": summary["step_time_s"],
             "param_count": summary["param_count"],
-            "flops": flops(deployed, x1),
-            "latency_b1_ms": latency_ms(deployed, x1, args.repeats * 10),
-            "latency_b256_ms": latency_ms(deployed, x256, args.repeats),
+            "flops": flops(models[method], x1),
+            "latency_b1_ms": latency_b1[method],
+            "latency_b256_ms": latency_b256[method],
             "channels_left": summary["channels_left"],
             "run_dir": summary["run_dir"],
         })
