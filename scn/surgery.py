@@ -263,18 +263,23 @@ def _to_remove(model: nn.Module, space: Space, physical: bool) -> torch.Tensor |
     return remove if bool(remove.any()) else None
 
 
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _capture_inputs(model: nn.Module, names: set[str], input_shape, device) -> dict:
     """Each named layer's input for two different model inputs (zeros and noise), eval mode."""
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     hooks = [model.get_submodule(n).register_forward_pre_hook(
-        lambda m, args, n=n: seen[n].append(args[0].detach().float())) for n in names]
+        lambda m, args, n=n: seen[n].append(_at_least_float32(args[0].detach()))) for n in names]
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             gen = torch.Generator().manual_seed(0)
+            dtype = next(model.parameters()).dtype  # a float64 model is probed in float64
             for x in (torch.zeros(input_shape), torch.randn(input_shape, generator=gen)):
-                model(x.to(device))
+                model(x.to(device, dtype))
     finally:
         for h in hooks:
             h.remove()
@@ -337,7 +342,8 @@ def _fold(layer: SCLayer, channels: torch.Tensor, block: int, values: torch.Tens
     """Add what the given dead input channels contribute to the layer's folded offset."""
     if not bool((values != 0).any()):
         return  # e.g. a negative BatchNorm bias through a ReLU: nothing to carry
-    w = layer.effective_weight().detach().float()[:, channels.repeat_interleave(block)]
+    w = _at_least_float32(layer.effective_weight().detach())[:, channels.repeat_interleave(block)]
+    values = values.to(w.dtype)
     if isinstance(layer, SCConv2d):  # uniform images: one value per channel
         contrib = torch.einsum("oihw,i->ohw", w, values.flatten(1)[:, 0]).unsqueeze(1)
     else:
