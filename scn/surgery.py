@@ -267,7 +267,7 @@ def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _capture_inputs(model: nn.Module, names: set[str], input_shape, device) -> dict:
+def _capture_inputs(model: nn.Module, names: set[str], input_shape) -> dict:
     """Each named layer's input for two different model inputs (zeros and noise), eval mode."""
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     hooks = [model.get_submodule(n).register_forward_pre_hook(
@@ -277,9 +277,9 @@ def _capture_inputs(model: nn.Module, names: set[str], input_shape, device) -> d
     try:
         with torch.no_grad():
             gen = torch.Generator().manual_seed(0)
-            dtype = next(model.parameters()).dtype  # a float64 model is probed in float64
+            param = next(model.parameters())  # probe on its device, in its dtype (float64 too)
             for x in (torch.zeros(input_shape), torch.randn(input_shape, generator=gen)):
-                model(x.to(device, dtype))
+                model(x.to(param.device, param.dtype))
     finally:
         for h in hooks:
             h.remove()
@@ -300,8 +300,7 @@ def settle_norms(model: nn.Module, graph: ChannelGraph) -> int:
     names = {name for space in graph.spaces for name in space.norms}
     if not names:
         return 0
-    device = next(model.parameters()).device
-    inputs = _capture_inputs(model, names, graph.input_shape, device)
+    inputs = _capture_inputs(model, names, graph.input_shape)
     changed = 0
     for name in names:
         a, b = (x[0].flatten(1) for x in inputs[name])  # (channels, positions)
@@ -343,7 +342,6 @@ def _fold(layer: SCLayer, channels: torch.Tensor, block: int, values: torch.Tens
     if not bool((values != 0).any()):
         return  # e.g. a negative BatchNorm bias through a ReLU: nothing to carry
     w = _at_least_float32(layer.effective_weight().detach())[:, channels.repeat_interleave(block)]
-    values = values.to(w.dtype)
     if isinstance(layer, SCConv2d):  # uniform images: one value per channel
         contrib = torch.einsum("oihw,i->ohw", w, values.flatten(1)[:, 0]).unsqueeze(1)
     else:
@@ -491,9 +489,8 @@ def _prune(model: nn.Module, graph: ChannelGraph, physical: bool,
     result = PruneResult({})
     if not plan:
         return result
-    device = next(model.parameters()).device
     consumers = {name for space, _ in plan for name, _ in space.consumers}
-    inputs = _capture_inputs(model, consumers, graph.input_shape, device)
+    inputs = _capture_inputs(model, consumers, graph.input_shape)
 
     for space, remove in plan:
         remove = _foldable(model, space, remove, inputs, result)
