@@ -40,10 +40,14 @@ from scn.quant import frozen  # noqa: E402
 from scn.sweep import run_overrides  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-# A wider CNN and a firmer size-loss weight than the default job: enough channels die for
-# removal to matter, and the comparison is between methods on the same recipe.
-COMMON = ["+experiment=fashion_mnist_cnn", "model.width=24", "size_loss.gamma=0.5",
-          "trainer.lr_quant=0.01"]
+# A wider CNN and a firmer size-loss weight than the default job, so that enough channels die
+# (about a third of the parameters) for removal to matter. The bit-depth/exponent learning rate
+# is low on purpose: with trainer.lr_quant=0.01 the run is chaotic (rounded b and e flip back
+# and forth) and two runs of the same method, or masked and removal with one seed, ended up to
+# 3 points apart; at 0.002 they agreed within 0.26 points on three seeds (measured on a GPU,
+# see the README).
+COMMON = ["+experiment=fashion_mnist_cnn", "model.width=24", "size_loss.gamma=1.0",
+          "trainer.lr_quant=0.002"]
 METHODS = {
     "none": ["quant=none"],
     "masked": ["trainer.surgery=masked"],

@@ -325,6 +325,17 @@ def test_a_new_setting_at_its_neutral_value_keeps_finished_runs_recognisable():
     assert experiment.config_hash(before) != experiment.config_hash(config)
 
 
+def test_runs_from_before_batchnorm_recalibration_are_recalibrate_bn_0():
+    """Runs finished before trainer.recalibrate_bn existed evaluated with the running averages:
+    the same config as recalibrate_bn=0, another one than the default (20)."""
+    config = OmegaConf.to_container(compose_config(IN_PROCESS), resolve=True)
+    before = {**config, "trainer": {k: v for k, v in config["trainer"].items() if k != "recalibrate_bn"}}
+    assert config["trainer"]["recalibrate_bn"] == 20
+    assert experiment.config_hash(before) != experiment.config_hash(config)
+    config["trainer"]["recalibrate_bn"] = 0
+    assert experiment.config_hash(before) == experiment.config_hash(config)
+
+
 def test_a_sweep_goes_on_when_one_run_diverges(tmp_path):
     sweep = tmp_path / "sweep"
     proc = subprocess.run([str(SCN_TRAIN), "-m", "dataset=synthetic", "trainer.max_steps=3",

@@ -5,11 +5,11 @@ import torch
 
 from scn import size
 from scn.data import synthetic
-from scn.errors import NumericalError
+from scn.errors import ConfigError, NumericalError
 from scn.models import SmallCNN, build
 from scn.quant import Scheme, quantize_
 from scn.schedule import Constant, Cosine, LinearWarmup
-from scn.train import TrainConfig, train
+from scn.train import TrainConfig, recalibrate_norms, train
 
 
 def model(kind="self_compress", width=8, bits=3):
@@ -70,3 +70,56 @@ def test_reference_survives_shrinking():
     with torch.no_grad():
         m[0].b[:2] = 0
     assert size.report(m).reference_scalars == m.scn_reference.scalars
+
+
+def _norm_layers(m):
+    return [x for x in m.modules() if isinstance(x, torch.nn.BatchNorm2d)]
+
+
+def test_recalibrated_statistics_are_those_of_the_data():
+    """Stale running statistics are replaced by the batches' own (the first BatchNorm's mean is
+    the mean of its input over every training image), and momentum and mode are restored."""
+    m, data = model(width=4), synthetic(num_train=512)
+    norms = _norm_layers(m)
+    for n in norms:
+        n.running_mean.fill_(5.0)
+        n.running_var.fill_(100.0)
+    seen = []
+    hook = norms[0].register_forward_pre_hook(lambda _, args: seen.append(args[0].detach()))
+    with torch.no_grad():
+        m(data.normalize(data.train_x))
+    hook.remove()
+    expected = seen[0].mean(dim=(0, 2, 3))
+    m.eval()
+    # two batches of 256 cover the 512 images: the average of equal-sized batch means is the mean
+    assert recalibrate_norms(m, data, num_batches=2, batch_size=256) == len(norms)
+    torch.testing.assert_close(norms[0].running_mean, expected, rtol=1e-5, atol=1e-6)
+    assert all(n.momentum == 0.1 for n in norms) and not m.training
+    assert all(float(n.running_var.max()) < 100 for n in norms)
+    before = [n.running_mean.clone() for n in norms]
+    recalibrate_norms(m, data, num_batches=2, batch_size=256)  # nothing of the old stats is left
+    for n, b in zip(norms, before, strict=True):
+        torch.testing.assert_close(n.running_mean, b)
+
+
+def test_recalibration_leaves_training_alone():
+    """Re-estimating BatchNorm statistics at each evaluation changes what is evaluated, not what
+    is trained: with channels dying and surgery on, the weights end exactly the same."""
+    finals = []
+    for batches in (0, 3):
+        torch.manual_seed(0)
+        m = model()
+        cfg = TrainConfig(max_epochs=20, max_steps=30, batch_size=64, lr_quant=0.3, prune_every=5,
+                          eval_every=10, recalibrate_bn=batches, progress=False)
+        result = train(m, synthetic(), cfg, Constant(gamma=2.0))
+        assert result.surgeries > 0
+        statistics = ("running_mean", "running_var", "num_batches_tracked")
+        finals.append({k: v for k, v in m.state_dict().items() if not k.endswith(statistics)})
+    assert finals[0].keys() == finals[1].keys()
+    for k in finals[0]:
+        assert torch.equal(finals[0][k], finals[1][k]), k
+
+
+def test_recalibrate_bn_must_be_non_negative():
+    with pytest.raises(ConfigError, match="recalibrate_bn"):
+        TrainConfig(recalibrate_bn=-1)
