@@ -44,8 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # (about a third of the parameters) for removal to matter. The bit-depth/exponent learning rate
 # is low on purpose: with trainer.lr_quant=0.01 the run is chaotic (rounded b and e flip back
 # and forth) and two runs of the same method, or masked and removal with one seed, ended up to
-# 3 points apart; at 0.002 they agreed within 0.26 points on three seeds (measured on a GPU,
-# see the README).
+# 3 points apart; at 0.002 they agreed within 0.26 points on three seeds on a GPU
+# (docs/results/removal_recipes.json), though not on this project's CPU (see the README).
 COMMON = ["+experiment=fashion_mnist_cnn", "model.width=24", "size_loss.gamma=1.0",
           "trainer.lr_quant=0.002"]
 METHODS = {
