@@ -123,3 +123,31 @@ def test_recalibration_leaves_training_alone():
 def test_recalibrate_bn_must_be_non_negative():
     with pytest.raises(ConfigError, match="recalibrate_bn"):
         TrainConfig(recalibrate_bn=-1)
+
+
+def test_frozen_bit_depths_stay_while_weights_train():
+    """With freeze_quant=0.5 the bit depths and exponents move in the first half (channels die)
+    and not at all in the second, while the weights keep training to the end."""
+    m = model()
+    bits_before = size.report(m).bits_per_weight
+    seen = {}
+
+    def snapshot(row):
+        seen[row["step"]] = {k: v.detach().clone() for k, v in m.named_parameters()}
+
+    cfg = TrainConfig(max_epochs=20, max_steps=30, batch_size=64, lr_quant=0.3, prune_every=5,
+                      eval_every=15, freeze_quant=0.5, progress=False)
+    result = train(m, synthetic(), cfg, Constant(gamma=2.0), on_eval=snapshot)
+    assert result.surgeries > 0 and result.history[0]["bits_per_weight"] < bits_before
+    half, end = seen[15], seen[30]
+    quant = [k for k in end if k.endswith((".b", ".e"))]
+    weights = [k for k in end if k.endswith(".weight")]
+    assert quant and all(torch.equal(half[k], end[k]) for k in quant)  # same shapes: none removed
+    assert all(not torch.equal(half[k], end[k]) for k in weights)
+    assert result.history[0]["bits_per_weight"] == result.history[-1]["bits_per_weight"]
+
+
+def test_freeze_quant_must_be_a_fraction_below_one():
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ConfigError, match="freeze_quant"):
+            TrainConfig(freeze_quant=bad)
