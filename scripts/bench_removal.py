@@ -118,10 +118,10 @@ def train_step_ms(models: dict[str, torch.nn.Module], x: torch.Tensor, y: torch.
     return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
-def training_models(models: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
+def training_models(models: dict[str, torch.nn.Module], overrides: list[str]) -> dict[str, torch.nn.Module]:
     """The shapes each method trains at the end: float; masked (float shapes, quantized: a masked
     run keeps every channel until its last step); removal (its final, shrunk model)."""
-    masked_cfg = compose_config([*COMMON, *METHODS["masked"], "seed=0"])
+    masked_cfg = compose_config([*COMMON, *METHODS["masked"], *overrides, "seed=0"])
     masked_shapes = build_experiment(masked_cfg).build_model()
     trained = {"none": copy.deepcopy(models["none"]), "masked": masked_shapes,
                "removal": copy.deepcopy(models["removal"])}
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     latency_b256 = latencies_ms(models, x256, args.repeats)
     x128 = torch.randn(128, *shape[1:]).contiguous(memory_format=torch.channels_last)
     y128 = torch.randint(0, len(header["dataset"]["classes"]), (128,))
-    step_ms = train_step_ms(training_models(models), x128, y128, args.repeats)
+    step_ms = train_step_ms(training_models(models, args.overrides), x128, y128, args.repeats)
     results = []
     for method, summary in summaries.items():
         runs = seeded[method]
