@@ -67,7 +67,7 @@ print("SUMMARY " + json.dumps({k: s.get(k) for k in ("test_accuracy", "bits_per_
 """
 
 
-def run_one(overrides: list[str], run_dir: Path) -> dict | None:
+def run_one(overrides: list[str], run_dir: Path) -> dict:
     done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(overrides), str(run_dir)],
                           capture_output=True, text=True)
     for line in done.stdout.splitlines():
