@@ -138,6 +138,11 @@ def train_main(cfg: DictConfig) -> float | None:
         if multirun:
             raise  # Ctrl-C stops the whole sweep
         return fail(f"interrupted{_what_is_kept(run_dir, exc)}", code=130)
+    if summary["status"] == "paused":
+        print(f"\nscn: paused at step {summary['step']} of {summary['total_steps']} "
+              f"(trainer.pause_after_steps); the same command with resume=true goes on. "
+              f"Run folder: {run_dir}")
+        return None
     print(f"\nscn: finished: test accuracy {summary['test_accuracy']:.2f}% at "
           f"{summary['bits_per_weight']:.3f} bits/weight ({summary['float_bits_pct']:.2f}% of "
           f"float32), {summary['weights_left_pct']:.1f}% of weights left. Run folder: {run_dir}")

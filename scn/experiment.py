@@ -11,6 +11,8 @@ The run folder (every file written atomically):
 
 A killed run continues with `run(exp, run_dir, resume=True)` (scn-train ... resume=true): from
 its last training checkpoint, to the same result, the CSVs cut back to the checkpoint's rows.
+With trainer.pause_after_steps=N a run stops itself after N steps (summary status "paused",
+a checkpoint written) and resumes the same way: a run trained in slices ends as one that was not.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from scn import checkpoint, io, report, size
 from scn import format as scn_format
 from scn import resume as train_state
 from scn.data import ImageData
-from scn.errors import FormatError, ScnError
+from scn.errors import ConfigError, FormatError, ScnError
 from scn.quant import Scheme, quantize_
 from scn.report import machine
 from scn.train import TrainConfig, Trainer, TrainResult, learns_bits
@@ -62,8 +64,10 @@ class Experiment:
 
 
 # Keys that change nothing about the result: a run differing only in these is the same run
-# (`resume` and checkpoint_every included: a resumed run ends exactly as an uninterrupted one).
-_HASH_IGNORED = {("trainer", "progress"), ("trainer", "log_every"), ("trainer", "checkpoint_every")}
+# (`resume`, checkpoint_every and pause_after_steps included: a resumed run ends exactly as an
+# uninterrupted one).
+_HASH_IGNORED = {("trainer", "progress"), ("trainer", "log_every"), ("trainer", "checkpoint_every"),
+                 ("trainer", "pause_after_steps")}
 _HASH_IGNORED_TOP = {"hydra", "resume"}
 # Settings added after runs were made, at the value that does what those runs did: left out of
 # the hash, so that a new setting does not turn every finished run into "another config".
@@ -129,6 +133,7 @@ def run(exp: Experiment, run_dir: str | Path, resume: bool = False,
     its summary (a re-launched sweep skips it), a different config is an error. With `resume`,
     training continues from the folder's training checkpoint when it has one (of the same
     config: else an error); `notify` receives one-line notices (resuming, starting afresh).
+    A run paused by trainer.pause_after_steps returns its "paused" summary (step, total_steps).
     """
     run_dir = Path(run_dir)
     notify = notify or (lambda message: None)
@@ -139,6 +144,9 @@ def run(exp: Experiment, run_dir: str | Path, resume: bool = False,
             return previous
         raise ScnError(f"{run_dir} already holds a finished run of another config; scn never "
                        "overwrites a finished run. Choose another folder (hydra.run.dir=...).")
+    if exp.trainer.pause_after_steps and exp.scheme.kind == "diffq":
+        raise ConfigError("trainer.pause_after_steps needs training checkpoints, which DiffQ "
+                          "baseline runs do not write; set trainer.pause_after_steps=0.")
     state = _starting_state(exp, run_dir, digest, resume, notify)
     try:
         return _run(exp, run_dir, digest, state)
@@ -233,6 +241,11 @@ def _run(exp: Experiment, run_dir: Path, digest: str, state: train_state.State |
             train_state.restore(trainer, state)
         result = trainer.run(on_eval=on_eval, on_steps=on_steps,
                              on_checkpoint=None if diffq else on_checkpoint)
+        if result.paused:  # the checkpoint is written: say where the run stands, and stop
+            paused = {**base, "status": "paused", "step": trainer.step,
+                      "total_steps": trainer.total_steps, "wall_time_s": result.wall_time_s}
+            io.write_json(run_dir / "summary.json", paused)
+            return paused
         rep = trainer.diffq.report() if diffq else size.report(model)
         extra = {"file_bytes": None}
         if diffq:  # keep DiffQ's own size, then leave plain quantized weights in the model

@@ -53,6 +53,10 @@ class TrainConfig:
     prune_every: int = 200  # steps between surgeries; 0 = no surgery (as surgery=off)
     channel_multiple: int = 1  # physical surgery leaves channel counts at multiples of this
     checkpoint_every: int = 500  # steps between training checkpoints (resume); 0 = at the end only
+    # > 0: this invocation trains at most this many steps, then writes a training checkpoint
+    # and stops with status "paused"; resume=true goes on from it. For jobs with a time limit,
+    # and for training several runs in turns (scripts/bench_removal.py). 0 = train to the end.
+    pause_after_steps: int = 0
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
     amp: bool = True  # bf16 autocast on CUDA (CPU always runs float32)
     channels_last: bool = True
@@ -69,7 +73,7 @@ class TrainConfig:
         "recalibrate_bn": config.NON_NEGATIVE, "freeze_quant": config.Range(0, 1, high_open=True),
         "log_every": config.POSITIVE, "surgery": SURGERY_MODES,
         "prune_every": config.NON_NEGATIVE, "checkpoint_every": config.NON_NEGATIVE,
-        "channel_multiple": config.POSITIVE,
+        "channel_multiple": config.POSITIVE, "pause_after_steps": config.NON_NEGATIVE,
     }
 
     def __post_init__(self) -> None:
@@ -85,6 +89,7 @@ class TrainResult:
     step_time_s: float = 0.0  # mean training step, evaluation and surgery excluded
     images_per_s: float = 0.0
     surgeries: int = 0
+    paused: bool = False  # stopped after trainer.pause_after_steps, before the last step
 
 
 def pick_device(name: str) -> torch.device:
@@ -407,10 +412,13 @@ class Trainer:
         on_eval gets each metrics row, on_steps the train-log rows since the last evaluation,
         on_checkpoint the trainer every `checkpoint_every` steps and at the end, its state
         checked to be finite first (a diverged state must never replace a good checkpoint).
+        With `pause_after_steps`, it returns after that many steps (result.paused, a checkpoint
+        handed out first); wall_time_s then counts the training done so far, by every process.
         """
         cfg = self.cfg
         result = self.result
         eval_every = cfg.eval_every or self.steps_per_epoch
+        pause_at = self.step + cfg.pause_after_steps if cfg.pause_after_steps else self.total_steps
         start = time.perf_counter() - self.elapsed_s
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress,
                    dynamic_ncols=True, mininterval=1.0)
@@ -438,20 +446,23 @@ class Trainer:
                                     bits=f"{float(self.q_now):.2f}", gamma=f"{gamma:.3g}")
                     bar.update(cfg.log_every)
                 last = self.step >= self.total_steps
+                result.paused = not last and self.step >= pause_at
                 if self.step % eval_every == 0 or last:
                     t0 = time.perf_counter()
                     _check_finite(self.step, loss, self.model, gamma)
                     last_acc = self._evaluate(gamma, last, on_eval, on_steps)["test_accuracy"]
                     self.other_s += time.perf_counter() - t0
                 every = cfg.checkpoint_every
-                if on_checkpoint and (last or (every and self.step % every == 0)):
+                if on_checkpoint and (last or result.paused or (every and self.step % every == 0)):
                     t0 = time.perf_counter()
                     _check_finite(self.step, loss, self.model, gamma)
                     self.elapsed_s = t0 - start
                     on_checkpoint(self)
                     self.other_s += time.perf_counter() - t0
-                if last:
+                if last or result.paused:
                     break
+            if result.paused:
+                break
         bar.close()
         result.wall_time_s = time.perf_counter() - start
         # Evaluation syncs the device, so wall time minus evaluation is honest on CUDA too.

@@ -4,12 +4,13 @@ One invocation, same data, model, seed and size-loss weight for every method:
   none     float training (the reference cost);
   masked   self-compression where dead channels stay in place (what public ports do);
   removal  self-compression with channels physically removed every N steps (scn's default).
-(a) wall time of each full training run; (b) inference latency at batch 1 and 256 on the CPU
-and FLOPs (torch.utils.flop_counter) of the final model (every run ends with a physical
-surgery, so the masked run's final model is shrunk too); (c) the time of one training step
-(batch 128) of the float model, of the float-shaped self-compressing model a masked run trains
-to the end, and of the removal run's final model, timed in turns: the per-step saving that
-removal earns, free of the machine's drift between whole runs. Writes docs/results/removal.json
+(a) wall time of each full training run, the runs of one seed trained in turns of an epoch
+so that the machine's drift falls on all alike (train_in_turns); (b) inference latency at
+batch 1 and 256 on the CPU and FLOPs (torch.utils.flop_counter) of the final model (every run
+ends with a physical surgery, so the masked run's final model is shrunk too); (c) the time of
+one training step (batch 128) of the float model, of the float-shaped self-compressing model a
+masked run trains to the end, and of the removal run's final model, timed in turns: the
+per-step saving that removal earns. Writes docs/results/removal.json
 and removal.png; run folders go under --runs and are reused when finished (resumable).
 
 The masked and removal runs compute the same network in a different float summation order, so
@@ -66,6 +67,26 @@ METHODS = {
     "masked": [*SELF_COMPRESS, "trainer.surgery=masked"],
     "removal": [*SELF_COMPRESS, "trainer.surgery=physical"],
 }
+
+
+def train_in_turns(jobs: dict[str, tuple[list[str], Path]], slice_steps: int) -> dict[str, dict]:
+    """Train the runs `jobs` names (overrides, run folder) in turns, `slice_steps` steps each
+    (trainer.pause_after_steps, then resume), until every one has finished; their summaries.
+
+    Whole runs trained one after another took 863 and 952 s for one config on this project's
+    CPU: its speed drifts by more than removal saves. In turns of a minute or two, a drift falls
+    on every run alike. A paused run resumes to exactly the result of an uninterrupted one
+    (tests/test_resume.py), and wall_time_s adds up the slices' training time (not the
+    seconds each process spends starting and reading the data).
+    """
+    done: dict[str, dict] = {}
+    while len(done) < len(jobs):
+        for name, (overrides, run_dir) in jobs.items():
+            if name not in done:
+                summary = run_overrides([*overrides, f"trainer.pause_after_steps={slice_steps}"], run_dir)
+                if summary["status"] != "paused":
+                    done[name] = summary
+    return {name: done[name] for name in jobs}
 
 
 def flops(model: torch.nn.Module, x: torch.Tensor) -> int:
@@ -136,17 +157,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="seeds of the masked and removal runs (means are compared)")
+    parser.add_argument("--slice-steps", type=int, default=468,
+                        help="steps each run trains per turn (468: one Fashion-MNIST epoch)")
     args = parser.parse_intermixed_args(argv)  # overrides and options in any order
 
-    # Seed by seed, masked and removal back to back (float once, first): a drift in the
-    # machine's speed over the hours then falls on both methods alike.
+    # Seed by seed (float once, with the first), the runs of one seed trained in turns.
     seeded: dict[str, list[dict]] = {m: [] for m in METHODS}
     for seed in args.seeds:
-        for m, o in METHODS.items():
-            if m == "none" and seed != args.seeds[0]:
-                continue
-            run_dir = args.runs / (m if seed == args.seeds[0] else f"{m}-seed{seed}")
-            seeded[m].append(run_overrides([*COMMON, *o, *args.overrides, f"seed={seed}"], run_dir))
+        jobs = {m: ([*COMMON, *o, *args.overrides, f"seed={seed}"],
+                    args.runs / (m if seed == args.seeds[0] else f"{m}-seed{seed}"))
+                for m, o in METHODS.items() if m != "none" or seed == args.seeds[0]}
+        for m, summary in train_in_turns(jobs, args.slice_steps).items():
+            seeded[m].append(summary)
     summaries = {m: runs[0] for m, runs in seeded.items()}
     _, header = checkpoint.load_checkpoint(Path(summaries["none"]["run_dir"]) / "model.safetensors")
     shape = (1, *header["dataset"]["input_shape"])

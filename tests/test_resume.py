@@ -117,6 +117,39 @@ def test_resumed_run_ends_exactly_as_an_uninterrupted_one(tmp_path, monkeypatch,
     assert_same_run(reference(*model), tmp_path)
 
 
+def test_a_run_trained_in_paused_slices_ends_as_an_uninterrupted_one(tmp_path, reference):
+    """trainer.pause_after_steps: each call trains that many steps, leaves a checkpoint and a
+    'paused' summary; resume goes on; wall time adds up over the slices (bench_removal's turns)."""
+    exp = exp_of("trainer.checkpoint_every=0", "trainer.pause_after_steps=10")
+    walls = []
+    for stop in (10, 20, 30):
+        summary = experiment.run(exp, tmp_path, resume=True)
+        assert (summary["status"], summary["step"], summary["total_steps"]) == ("paused", stop, 32)
+        assert json.loads((tmp_path / "summary.json").read_text())["status"] == "paused"
+        assert resume.load(resume.path_in(tmp_path)).step == stop
+        assert not (tmp_path / "model.safetensors").exists()
+        walls.append(summary["wall_time_s"])
+    summary = experiment.run(exp, tmp_path, resume=True)
+    assert summary["resumed_at_steps"] == [10, 20, 30]
+    assert walls[0] < walls[1] < walls[2] < summary["wall_time_s"]
+    assert_same_run(reference(), tmp_path)
+
+
+def test_pausing_a_run_without_checkpoints_is_refused(tmp_path):
+    with pytest.raises(ScnError, match="pause_after_steps"):
+        experiment.run(exp_of("quant=diffq", "trainer.pause_after_steps=5"), tmp_path)
+    assert not tmp_path.joinpath("summary.json").exists()
+
+
+def test_cli_says_where_a_paused_run_stands(tmp_path):
+    done = subprocess.run([str(SCN_TRAIN), *CLI, "trainer.pause_after_steps=5",
+                           f"hydra.run.dir={tmp_path}"], capture_output=True, text=True,
+                          env=ONE_THREAD, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "paused at step 5 of 96" in done.stdout and "resume=true" in done.stdout
+    assert resume.load(resume.path_in(tmp_path)).step == 5
+
+
 def test_a_run_killed_after_training_only_writes_its_files(tmp_path, monkeypatch, reference):
     """Killed between the last checkpoint and the model files: nothing is trained again."""
     with monkeypatch.context() as m:
