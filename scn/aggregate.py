@@ -177,6 +177,8 @@ def run_row(run_dir: str | Path, sweep_dir: str | Path | None = None, warn: Warn
             "missing": "no summary.json (the run crashed before writing it, or never started)",
             "unreadable": "summary.json is unreadable (truncated or not JSON)",
             "running": "status 'running': still training, or killed before it finished",
+            "paused": (f"status 'paused' at step {(summary or {}).get('step')} (trainer.pause_after_"
+                       "steps): the same command with resume=true goes on"),
             "failed": f"status 'failed': {(summary or {}).get('error', 'no error recorded')}",
         }.get(row["status"], f"status {row['status']!r}")
         note = why + ("; figures are from its last evaluation in metrics.csv" if last

@@ -105,6 +105,8 @@ def test_report_survives_crashed_runs(sweep, tmp_path, capsys):
     (broken / "2" / "summary.json").write_text(json.dumps(summary))
     (broken / "3" / ".hydra").mkdir(parents=True)  # died right after Hydra started it
     shutil.copy(broken / "0" / ".hydra" / "config.yaml", broken / "3" / ".hydra" / "config.yaml")
+    shutil.copytree(broken / "2", broken / "4")  # stopped by trainer.pause_after_steps
+    (broken / "4" / "summary.json").write_text(json.dumps({**summary, "status": "paused", "step": 7}))
     (broken / "0" / "model.safetensors").write_bytes(b"not a checkpoint")
 
     out = tmp_path / "out"
@@ -112,13 +114,14 @@ def test_report_survives_crashed_runs(sweep, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err
     warnings = [line for line in err.splitlines() if line.startswith("scn-report: warning:")]
-    assert len(warnings) == 4, err  # runs 1, 2, 3, and run 0's unreadable model
+    assert len(warnings) == 5, err  # runs 1, 2, 3, 4, and run 0's unreadable model
     rows = {r["run_dir"]: r for r in read_report(out / "report.csv")}
     assert {k: r["status"] for k, r in rows.items()} == {"0": "finished", "1": "missing",
-                                                         "2": "failed", "3": "missing"}
+                                                         "2": "failed", "3": "missing", "4": "paused"}
     assert rows["0"]["pareto"] == "true"
-    assert all(rows[k]["pareto"] == "false" for k in "123")
+    assert all(rows[k]["pareto"] == "false" for k in "1234")
     assert "NaN" in rows["2"]["note"] and "metrics.csv" in rows["1"]["note"]
+    assert "step 7" in rows["4"]["note"] and "resume=true" in rows["4"]["note"]
     assert rows["3"]["quant"] == "self_compress" and rows["3"]["test_accuracy"] == ""
     last = aggregate.read_metrics(broken / "1")[-1]  # an unfinished run shows its last evaluation
     assert float(rows["1"]["bits_per_weight"]) == pytest.approx(last["bits_per_weight"], rel=1e-5)
