@@ -20,7 +20,7 @@ seed's accuracy and wall time is in the JSON); float runs once, as the reference
 Latency and FLOPs are measured on the first seed's final models.
 
     python scripts/bench_removal.py                   # 8 epochs, seed 0
-    python scripts/bench_removal.py --seeds 0 1 2     # the committed numbers
+    python scripts/bench_removal.py --seeds 0 1       # the committed numbers
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def train_in_turns(jobs: dict[str, tuple[list[str], Path]], slice_steps: int) ->
     (trainer.pause_after_steps, then resume), until every one has finished; their summaries.
 
     Whole runs trained one after another took 863 and 952 s for one config on this project's
-    CPU: its speed drifts by more than removal saves. In turns of a minute or two, a drift falls
+    CPU: its speed drifts by more than removal saves. In turns of a few minutes, a drift falls
     on every run alike. A paused run resumes to exactly the result of an uninterrupted one
     (tests/test_resume.py), and wall_time_s adds up the slices' training time (not the
     seconds each process spends starting and reading the data).
