@@ -76,6 +76,20 @@ METHODS = {
 }
 
 
+def check_surgery_step(overrides: list[str]) -> None:
+    """SELF_COMPRESS's prune_every is the freeze step of the default run; an override that moves
+    the freeze must move the surgery with it, or removal would happen only at the last step."""
+    moves = ("dataset", "trainer.max_epochs", "trainer.max_steps", "trainer.batch_size",
+             "trainer.freeze_quant")
+    moved = [o for o in overrides if o.lstrip("+~").startswith(moves)]
+    if moved and not any(o.startswith("trainer.prune_every=") for o in overrides):
+        raise SystemExit(
+            f"bench_removal: {' '.join(moved)} moves the step where b and e freeze, but the "
+            "self-compressing runs operate once, at step 1872 (the freeze of 8 epochs of 468 "
+            "steps). Pass trainer.prune_every=<the freeze step> too: total steps minus "
+            "round(freeze_quant x total steps).")
+
+
 def train_in_turns(jobs: dict[str, tuple[list[str], Path]], slice_steps: int) -> dict[str, dict]:
     """Train the runs `jobs` names (overrides, run folder) in turns, `slice_steps` steps each
     (trainer.pause_after_steps, then resume), until every one has finished; their summaries.
@@ -167,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slice-steps", type=int, default=468,
                         help="steps each run trains per turn (468: one Fashion-MNIST epoch)")
     args = parser.parse_intermixed_args(argv)  # overrides and options in any order
+    check_surgery_step(args.overrides)
 
     # Seed by seed (float once, with the first), the runs of one seed trained in turns.
     seeded: dict[str, list[dict]] = {m: [] for m in METHODS}
