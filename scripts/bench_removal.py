@@ -79,7 +79,7 @@ METHODS = {
 def check_surgery_step(overrides: list[str]) -> None:
     """SELF_COMPRESS's prune_every is the freeze step of the default run; an override that moves
     the freeze must move the surgery with it, or removal would happen only at the last step."""
-    moves = ("dataset", "trainer.max_epochs", "trainer.max_steps", "trainer.batch_size",
+    moves = ("dataset=", "trainer.max_epochs", "trainer.max_steps", "trainer.batch_size",
              "trainer.freeze_quant")
     moved = [o for o in overrides if o.lstrip("+~").startswith(moves)]
     if moved and not any(o.startswith("trainer.prune_every=") for o in overrides):

@@ -32,4 +32,6 @@ def test_an_override_that_moves_the_freeze_needs_the_surgery_step():
     with pytest.raises(SystemExit, match="trainer.freeze_quant=0.25"):
         bench_removal.check_surgery_step(["model.width=8", "trainer.freeze_quant=0.25"])
     bench_removal.check_surgery_step(["trainer.max_epochs=4", "trainer.prune_every=936"])
-    bench_removal.check_surgery_step(["model.width=8", "seed=3"])
+    bench_removal.check_surgery_step(["model.width=8", "seed=3", "dataset.root=/data/fmnist"])
+    with pytest.raises(SystemExit, match="dataset=cifar10"):
+        bench_removal.check_surgery_step(["dataset=cifar10"])
