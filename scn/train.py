@@ -122,6 +122,11 @@ def lr_factor(step: int, total: int, warmup: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * min((step - ramp) / max(total - ramp, 1), 1.0)))
 
 
+def freeze_step(total: int, freeze_quant: float) -> int:
+    """The first step at which bit depths and exponents get learning rate 0 (`total` if never)."""
+    return total - round(freeze_quant * total)
+
+
 def lr_lambdas(optimizer: torch.optim.Optimizer, model: nn.Module, total: int,
                cfg: TrainConfig) -> list[Callable[[int], float]]:
     """One lr multiplier per parameter group: warm-up and cosine decay for every group, and
@@ -133,7 +138,7 @@ def lr_lambdas(optimizer: torch.optim.Optimizer, model: nn.Module, total: int,
     still, the final stretch trains the weights on one bit allocation as the lr decays, as
     quantization-aware training usually ends (Nagel et al. 2022 freeze oscillating weights).
     """
-    freeze_at = total - round(cfg.freeze_quant * total)
+    freeze_at = freeze_step(total, cfg.freeze_quant)
 
     def weights(step: int) -> float:
         return lr_factor(step, total, cfg.warmup)

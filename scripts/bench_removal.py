@@ -68,7 +68,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # through the last 500 steps of bit-depth learning: per-seed gaps of +0.41 and -0.31 points.
 COMMON = ["+experiment=fashion_mnist_cnn", "model.width=24", "size_loss.gamma=1.0",
           "trainer.lr_quant=0.002"]
-SELF_COMPRESS = ["trainer.freeze_quant=0.5", "trainer.prune_every=1872"]
+SURGERY_STEP = 1872  # freeze_step(8 epochs x 468 steps, 0.5)
+SELF_COMPRESS = ["trainer.freeze_quant=0.5", f"trainer.prune_every={SURGERY_STEP}"]
 METHODS = {
     "none": ["quant=none"],
     "masked": [*SELF_COMPRESS, "trainer.surgery=masked"],
@@ -85,8 +86,8 @@ def check_surgery_step(overrides: list[str]) -> None:
     if moved and not any(o.startswith("trainer.prune_every=") for o in overrides):
         raise SystemExit(
             f"bench_removal: {' '.join(moved)} moves the step where b and e freeze, but the "
-            "self-compressing runs operate once, at step 1872 (the freeze of 8 epochs of 468 "
-            "steps). Pass trainer.prune_every=<the freeze step> too: total steps minus "
+            f"self-compressing runs operate once, at step {SURGERY_STEP} (the freeze of 8 epochs "
+            "of 468 steps). Pass trainer.prune_every=<the freeze step> too: total steps minus "
             "round(freeze_quant x total steps).")
 
 

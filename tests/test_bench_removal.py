@@ -6,6 +6,7 @@ import pytest
 from conftest import ROOT
 
 from scn.sweep import compose_config
+from scn.train import freeze_step
 
 _spec = importlib.util.spec_from_file_location("bench_removal", ROOT / "scripts" / "bench_removal.py")
 bench_removal = importlib.util.module_from_spec(_spec)
@@ -21,7 +22,7 @@ def test_the_one_surgery_falls_on_the_freeze(method):
     would let them drift apart while b and e still learn."""
     cfg = compose_config([*bench_removal.COMMON, *bench_removal.METHODS[method]]).trainer
     total = cfg.max_epochs * (FASHION_MNIST_TRAIN // cfg.batch_size)
-    freeze_at = total - round(cfg.freeze_quant * total)
+    freeze_at = freeze_step(total, cfg.freeze_quant)
     assert 0 < freeze_at < total
     assert cfg.prune_every == freeze_at
 
