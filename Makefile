@@ -9,7 +9,8 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-CIFAR10 ?= ../shared/data/cifar10-jpeg
+# CIFAR-10 for bench-cifar10: `make bench-cifar10 CIFAR10=DIR` (an ImageFolder tree or torchvision's copy).
+CIFAR10 ?=
 
 .PHONY: install data run test lint bench bench-format bench-removal bench-cifar10 bench-pareto figures clean
 
@@ -49,6 +50,7 @@ bench-removal: install
 	$(PY) scripts/bench_removal.py --seeds 0 1
 
 bench-cifar10: install
+	@[ -n "$(CIFAR10)" ] || { echo 'make bench-cifar10 needs CIFAR10=DIR (the CIFAR-10 folder)'; exit 2; }
 	$(PY) scripts/bench_cifar10.py dataset.root=$(CIFAR10)
 
 bench-pareto: install

@@ -1,13 +1,10 @@
 """One run, start to finish: build, train, and leave a complete run folder.
 
-The run folder (every file written atomically):
-    metrics.csv        one row per evaluation (see scn.train.Trainer.metrics_row)
-    train_log.csv      one row per training step: loss, size term, gamma, lr
+The run folder (every file written atomically): what scn.run_folder writes while training
+(metrics.csv, train_log.csv, curves.png, checkpoint/train_state.safetensors), and at the end
     summary.json       final figures at top level, best figures, status, config
-    curves.png         accuracy vs bits/weight, bits and accuracy over steps, channels left
     model.safetensors  the trained (shrunk) model with float weights, b and e; reloadable
     model.scn          the same model packed: each channel's codes at its own bit depth
-    checkpoint/train_state.safetensors   the training state, for resuming (scn.resume)
 
 A killed run continues with `run(exp, run_dir, resume=True)` (scn-train ... resume=true): from
 its last training checkpoint, to the same result, the CSVs cut back to the checkpoint's rows.
@@ -26,13 +23,14 @@ from pathlib import Path
 
 import torch
 
-from scn import checkpoint, io, report, size
+from scn import checkpoint, io, size
 from scn import format as scn_format
 from scn import resume as train_state
 from scn.data import ImageData
 from scn.errors import ConfigError, FormatError, ScnError
 from scn.quant import Scheme, quantize_
 from scn.report import machine
+from scn.run_folder import RunFolder
 from scn.train import TrainConfig, Trainer, TrainResult, learns_bits
 
 SUMMARY_KEYS = ("test_accuracy", "bits_per_weight", "float_bits_pct", "weights_left_pct",
@@ -189,58 +187,20 @@ def _starting_state(exp: Experiment, run_dir: Path, digest: str, resume: bool,
     return state
 
 
-def _write_rows(path: Path, rows: list[dict]) -> None:
-    if rows:
-        report.write_csv(path, rows)
-    else:
-        path.unlink(missing_ok=True)
-
-
 def _run(exp: Experiment, run_dir: Path, digest: str, state: train_state.State | None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     model = train_state.build_model(state) if state else exp.build_model()
-    rows = state.meta["rows"] if state else {"metrics": [], "train_log": []}
-    history: list[dict] = rows["metrics"]
-    steps: list[dict] = rows["train_log"]
-    resumes = [*state.meta.get("resumes", []), state.step] if state else []
-    saved = {"step": state.step if state else None}
-    started = time.time()
-    if state:  # the CSVs hold exactly the checkpoint's rows, as an uninterrupted run's would
-        _write_rows(run_dir / "metrics.csv", history)
-        _write_rows(run_dir / "train_log.csv", steps)
-        report.plot_curves(history, run_dir / "curves.png", title=_title(exp))
-
     diffq = exp.scheme.kind == "diffq"  # DiffQ's groups do not fit the .scn format
-
-    def on_eval(row: dict) -> None:
-        # The real size of the packed file at this point (encoded in memory, ~0.1 s).
-        if diffq:
-            row["diffq_true_bytes"] = trainer.diffq.true_bytes()
-        else:
-            row["file_bytes"] = len(scn_format.to_bytes(model, exp.dataset_info()))
-        history.append(row)
-        report.write_csv(run_dir / "metrics.csv", history)
-        report.plot_curves(history, run_dir / "curves.png", title=_title(exp))
-
-    def on_steps(new_rows: list[dict]) -> None:
-        steps.extend(new_rows)
-        report.write_csv(run_dir / "train_log.csv", steps)
-
-    def on_checkpoint(trainer: Trainer) -> None:
-        snapshot = train_state.capture(trainer, exp.dataset_info(), config_hash=digest,
-                                       config=exp.config, resumes=resumes,
-                                       rows={"metrics": history, "train_log": steps})
-        train_state.save(train_state.path_in(run_dir), snapshot)
-        saved["step"] = trainer.step
-
+    folder = RunFolder(run_dir, model, _title(exp), exp.dataset_info(), digest, exp.config, state,
+                       packs=not diffq)
+    started = time.time()
     base = {"status": "running", "config_hash": digest, "config": exp.config, "machine": machine()}
     io.write_json(run_dir / "summary.json", base)
     try:
         trainer = Trainer(model, exp.data, exp.trainer, exp.schedule, learns_bits(model), exp.seed)
         if state:
             train_state.restore(trainer, state)
-        result = trainer.run(on_eval=on_eval, on_steps=on_steps,
-                             on_checkpoint=None if diffq else on_checkpoint)
+        result = trainer.run(folder)
         if result.paused:  # the checkpoint is written: say where the run stands, and stop
             paused = {**base, "status": "paused", "step": trainer.step,
                       "total_steps": trainer.total_steps, "wall_time_s": result.wall_time_s}
@@ -255,9 +215,10 @@ def _run(exp: Experiment, run_dir: Path, digest: str, state: train_state.State |
         if not diffq:
             extra["file_bytes"] = scn_format.save(model, run_dir / "model.scn", exp.dataset_info())
     except BaseException as exc:  # a failure must still leave an honest summary behind
+        history = folder.history
         failed = {**base, "status": "failed", "error": str(exc) or type(exc).__name__,
                   "wall_time_s": time.time() - started, "history_rows": len(history),
-                  "checkpoint_step": saved["step"]}
+                  "checkpoint_step": folder.checkpoint_step}
         if history:
             failed.update({f"last_{k}": v for k, v in history[-1].items() if not k.startswith("channels/")})
         try:
@@ -266,8 +227,8 @@ def _run(exp: Experiment, run_dir: Path, digest: str, state: train_state.State |
             pass  # the disk that failed the run may refuse this too; the error says why
         raise
     summary = {**_summary(exp, rep, result, base), **extra}
-    if resumes:
-        summary["resumed_at_steps"] = resumes
+    if folder.resumes:
+        summary["resumed_at_steps"] = folder.resumes
     io.write_json(run_dir / "summary.json", summary)
     return summary
 

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from scn import aggregate
+from scn import aggregate, sweep_report
 from scn.errors import ScnError
 
 PROG = "scn-report"
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         rows = aggregate.collect(args.sweep_dir)
-        csv_path = aggregate.write_report(args.sweep_dir, out=args.out, run=args.run, rows=rows)
+        csv_path = sweep_report.write_report(args.sweep_dir, out=args.out, run=args.run, rows=rows)
     except ScnError as exc:
         print(f"\n{PROG}: error: {exc}\n", file=sys.stderr)
         return 2
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {r['run_dir']:>12}  {r['quant'] or '?':>13}  gamma={_fmt(r['gamma'], '.3g'):>7}  "
                   f"{_fmt(r['test_accuracy'], '6.2f')}%  {_fmt(r['bits_per_weight'], '6.3f')} bits/weight  "
                   f"{_fmt(r['file_bytes'], ',.0f')} bytes ({r['bytes_source']})")
-    names = ", ".join(aggregate.PLOT_NAMES)
+    names = ", ".join(sweep_report.PLOT_NAMES)
     print(f"Wrote {csv_path} and {names} in {csv_path.parent}")
     return 0
 

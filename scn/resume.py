@@ -1,31 +1,16 @@
-"""Training checkpoints: everything a killed run needs to go on exactly where it stopped.
+"""Training checkpoints: a Trainer's state_dict() on disk, so a killed run goes on exactly.
 
 `<run folder>/checkpoint/train_state.safetensors`, written every `trainer.checkpoint_every`
 steps and at the end, atomically (scn.io: the previous file stays until the new one is
-complete). No pickle: tensors are safetensors entries, everything else is JSON in the
-metadata entry "scn".
+complete). No pickle: the state's tensors are safetensors entries (laid out contiguously;
+their original strides, e.g. channels-last, recorded in the header), everything else is JSON
+in the metadata entry "scn": format, version, the model's description (checkpoint.describe),
+the trainer's meta (step, total_steps, epoch position, lr and scheduler state, pending rows,
+history, timers) and what the caller adds (scn.experiment: config_hash, config, CSV rows).
 
-Tensors:
-    model/<key>              the model's state at its current shapes (channels removed by
-                             surgery stay removed)
-    optim/<param>/<key>      AdamW's state (exp_avg, exp_avg_sq, step) keyed by parameter
-                             *name*, so it maps onto the rebuilt, shrunk model
-    rng/torch, rng/cuda/<i>  torch's global generators
-    rng/data_epoch           the data generator as the current epoch began
-    window/loss, window/task, window/q   loss sums since the last evaluation; the latest Q
-JSON header:
-    format, version; model (checkpoint.describe: model, scheme, size reference, dataset);
-    step, total_steps, epoch_batches (batches of the current epoch already used), window_n;
-    lrs (each optimizer group's lr) and scheduler (LambdaLR's state); strides (tensors kept in
-    a non-default memory layout, e.g. channels_last); pending (train-log rows not yet handed
-    out), history (metrics rows), surgeries, elapsed_s, other_s; and what the caller adds
-    (scn.experiment: config_hash, config, and the run folder's CSV rows so far).
-
-The gamma schedule and the learning-rate schedule are functions of the step, so the step
-restores them. Restoring: `load` reads the file, `build_model` rebuilds the model at its
-stored shapes (checkpoint.rebuild), and after a Trainer is built around that model (which
-re-traces its channel graph), `restore` puts the optimizer, schedules, generators and the
-loop's position back.
+Restoring: `load` reads and checks the file, `build_model` rebuilds the model at its stored
+shapes (checkpoint.rebuild), and after a Trainer is built around that model, `restore` hands
+it the state (Trainer.load_state_dict).
 """
 
 from __future__ import annotations
@@ -44,7 +29,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from scn import checkpoint, io
-from scn.errors import FormatError, NumericalError
+from scn.errors import ConfigError, FormatError, NumericalError
 
 if TYPE_CHECKING:
     from scn.train import Trainer
@@ -76,35 +61,13 @@ class State:
 
 def capture(trainer: Trainer, dataset: dict | None = None, **info) -> State:
     """The trainer's complete state as CPU copies; `info` goes into the header as it is."""
-    model, opt = trainer.model, trainer.optimizer
-    live = {f"model/{k}": v for k, v in model.state_dict().items()}
-    names = {id(p): n for n, p in model.named_parameters()}
-    for p, state in opt.state.items():
-        for key, value in state.items():
-            live[f"optim/{names[id(p)]}/{key}"] = value
-    live["rng/torch"] = torch.get_rng_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        live.update({f"rng/cuda/{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    live["rng/data_epoch"] = trainer.epoch_rng
-    live.update({"window/loss": trainer.window.loss, "window/task": trainer.window.task,
-                 "window/q": trainer.q_now})
-    strides = {k: list(v.stride()) for k, v in live.items() if v.stride() != _default_strides(v.shape)}
-    tensors = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
-               for k, v in live.items()}
-    meta = {
-        "format": FORMAT, "version": VERSION,
-        "model": checkpoint.describe(model, dataset),
-        "step": trainer.step, "total_steps": trainer.total_steps,
-        "epoch_batches": trainer.epoch_batches, "window_n": trainer.window.n,
-        "lrs": [g["lr"] for g in opt.param_groups],
-        "scheduler": {k: v for k, v in trainer.scheduler.state_dict().items() if k != "lr_lambdas"},
-        "strides": strides,
-        "pending": [{k: float(v) for k, v in row.items()} for row in trainer.pending],
-        "history": trainer.result.history, "surgeries": trainer.result.surgeries,
-        "elapsed_s": trainer.elapsed_s, "other_s": trainer.other_s,
-        **info,
-    }
-    return State(tensors, meta)
+    live = trainer.state_dict()
+    tensors = live["tensors"]
+    strides = {k: list(v.stride()) for k, v in tensors.items() if v.stride() != _default_strides(v.shape)}
+    copies = {k: v.cpu().clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
+    meta = {"format": FORMAT, "version": VERSION, "model": checkpoint.describe(trainer.model, dataset),
+            **live["meta"], "strides": strides, **info}
+    return State(copies, meta)
 
 
 def _default_strides(shape: torch.Size) -> tuple[int, ...]:
@@ -206,62 +169,16 @@ def build_model(state: State) -> nn.Module:
 
 
 def restore(trainer: Trainer, state: State) -> None:
-    """Put the optimizer, schedules, generators and loop position of `state` back.
-
-    `trainer` must be built around `build_model(state)`, with the same config.
-    """
-    meta, t = state.meta, state.tensors
-    if meta["total_steps"] != trainer.total_steps:
-        raise FormatError(f"the training checkpoint is of a run of {meta['total_steps']} steps, "
+    """Hand `state` to `trainer` (built around `build_model(state)`, with the same config)."""
+    if state.meta["total_steps"] != trainer.total_steps:
+        raise FormatError(f"the training checkpoint is of a run of {state.meta['total_steps']} steps, "
                           f"this one has {trainer.total_steps}; it cannot continue it.")
-    strides = meta.get("strides", {})
-    for key, tensor in trainer.model.state_dict(keep_vars=True).items():
-        tensor.data = _laid_out(tensor.data, strides.get(f"model/{key}"))
-    _restore_optimizer(trainer, t, strides)
-    for group, lr in zip(trainer.optimizer.param_groups, meta["lrs"], strict=True):
-        group["lr"] = lr
-    groups = len(trainer.optimizer.param_groups)
-    trainer.scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * groups})
-    torch.set_rng_state(t["rng/torch"])
-    cuda = [t[f"rng/cuda/{i}"] for i in range(torch.cuda.device_count()) if f"rng/cuda/{i}" in t]
-    if cuda and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-    trainer.epoch_rng = t["rng/data_epoch"]
-    trainer.generator.set_state(trainer.epoch_rng)
-    trainer.epoch_batches = int(meta["epoch_batches"])
-    device = trainer.device
-    trainer.window.loss, trainer.window.task = t["window/loss"].to(device), t["window/task"].to(device)
-    trainer.window.n = int(meta["window_n"])
-    trainer.q_now = t["window/q"].to(device)
-    trainer.step = state.step
-    trainer.pending = list(meta["pending"])
-    trainer.result.history = list(meta["history"])
-    trainer.result.surgeries = int(meta["surgeries"])
-    trainer.elapsed_s, trainer.other_s = float(meta["elapsed_s"]), float(meta["other_s"])
-
-
-def _restore_optimizer(trainer: Trainer, t: dict[str, torch.Tensor], strides: dict) -> None:
-    """AdamW's per-parameter state, matched to the parameters by name."""
-    params = dict(trainer.model.named_parameters())
-    opt = trainer.optimizer
-    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
-    opt.state.clear()
-    for key, value in t.items():
-        if not key.startswith("optim/"):
-            continue
-        name, _, slot = key.removeprefix("optim/").rpartition("/")
-        p = params.get(name)
-        if p is None or id(p) not in group_of:
-            raise FormatError(f"the training checkpoint holds optimizer state for {name!r}, "
-                              "which this model does not train.")
-        group = group_of[id(p)]
-        if slot == "step" and not (group.get("capturable") or group.get("fused")):
-            opt.state[p][slot] = value  # AdamW keeps its step count on the CPU
-            continue
-        if value.shape != p.shape:
-            raise FormatError(f"the training checkpoint's {key} has shape {list(value.shape)} "
-                              f"but the parameter has {list(p.shape)}.")
-        opt.state[p][slot] = _laid_out(value.to(p.device), strides.get(key))
+    strides = state.meta.get("strides", {})
+    tensors = {k: _laid_out(v, strides.get(k)) for k, v in state.tensors.items()}
+    try:
+        trainer.load_state_dict({"tensors": tensors, "meta": state.meta})
+    except ConfigError as exc:
+        raise FormatError(f"the training checkpoint does not fit this run: {exc}") from None
 
 
 def _laid_out(tensor: torch.Tensor, stride: list[int] | None) -> torch.Tensor:

@@ -5,7 +5,7 @@ seed and epochs, through the same code path as scn-train; run folders go under -
 are reused when finished (resumable). Writes docs/results/cifar10_cpu.json and .png.
 Pass the data location as an override:
 
-    python scripts/bench_cifar10.py dataset.root=../shared/data/cifar10-jpeg
+    python scripts/bench_cifar10.py dataset.root=DIR
     python scripts/bench_cifar10.py dataset.root=DIR --experiment cifar10_resnet --name cifar10_gpu
 """
 

@@ -7,7 +7,7 @@ Same model, data, epochs and seed (+experiment=fashion_mnist_cnn) for every poin
   self_compress  self-compression over gamma.
 Run folders live under --runs, shared with bench_fashion_mnist.py (a run both need is trained
 once); a finished run is reused, so a killed benchmark resumes where it stopped. The table and
-plots come from scn.aggregate, the same code as `scn-report`. The self-compression points are
+plots come from scn.aggregate and scn.sweep_report, the same code as `scn-report`. The self-compression points are
 the folders of the gamma sweep, which this one command makes (and `scn-report` reports on):
 
     scn-train -m +experiment=fashion_mnist_cnn size_loss.gamma=0.02,0.05,0.1,0.2,0.4 [trainer.max_epochs=2] \
@@ -25,7 +25,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from scn import aggregate, report
+from scn import aggregate, report, sweep_report
 from scn.sweep import run_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     report.write_csv(args.out / "pareto.csv", table)
     report.write_benchmark(args.out / "pareto.json", "scripts/bench_pareto.py",
                            sys.argv[1:] if argv is None else argv, table)
-    aggregate.plot_pareto(rows, "file_bytes", args.out / "pareto_bytes.png", log_x=True)
-    aggregate.plot_pareto(rows, "bits_per_weight", args.out / "pareto_bits.png")
+    sweep_report.plot_pareto(rows, "file_bytes", args.out / "pareto_bytes.png", log_x=True)
+    sweep_report.plot_pareto(rows, "bits_per_weight", args.out / "pareto_bits.png")
     for r in sorted(table, key=lambda r: (r["method"], r["bits_per_weight"] or 0)):
         print(f"{r['method']:>14} {r['knob'] if r['knob'] is not None else '':>6}: "
               f"{r['test_accuracy']:6.2f}%  {r['bits_per_weight']:6.3f} bits/weight  "

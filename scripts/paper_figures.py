@@ -11,7 +11,7 @@ the CPU CIFAR-10 config (float and self-compression, reused from bench_cifar10.p
 selects the GPU CIFAR-10 config instead. Missing runs are trained first (resumable).
 Writes PNGs and their CSV data under docs/results/figures/.
 
-    python scripts/paper_figures.py --cifar-root ../shared/data/cifar10-jpeg
+    python scripts/paper_figures.py --cifar-root DIR
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from scn import aggregate, checkpoint, io, report  # noqa: E402
+from scn import aggregate, checkpoint, io, report, sweep_report  # noqa: E402
 from scn.quant import sc_layers  # noqa: E402
 from scn.sweep import run_overrides  # noqa: E402
 
@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> None:
 
     fm = run_all(ROOT / "outputs/bench/fashion_mnist", "fashion_mnist_cnn", FMNIST_POINTS,
                  args.fmnist_overrides)
-    aggregate.plot_pareto(fm, "bits_per_weight", out / "fig_accuracy_vs_size_fashion_mnist.png")
-    aggregate.plot_pareto(fm, "file_bytes", out / "fig_accuracy_vs_bytes_fashion_mnist.png", log_x=True)
+    sweep_report.plot_pareto(fm, "bits_per_weight", out / "fig_accuracy_vs_size_fashion_mnist.png")
+    sweep_report.plot_pareto(fm, "file_bytes", out / "fig_accuracy_vs_bytes_fashion_mnist.png", log_x=True)
     report.write_csv(out / "accuracy_vs_size_fashion_mnist.csv", aggregate.csv_rows(fm))
     over_training = fig_bits_over_training(fm, out / "fig_bits_over_training.png")
     report.write_csv(out / "bits_over_training.csv", over_training)
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         cifar = run_all(runs, experiment, {"none": ["quant=none"],
                                            "self_compress": ["quant=self_compress"]}, extra)
         report.write_csv(out / "accuracy_vs_size_cifar10.csv", aggregate.csv_rows(cifar))
-        aggregate.plot_pareto(cifar, "bits_per_weight", out / "fig_accuracy_vs_size_cifar10.png")
+        sweep_report.plot_pareto(cifar, "bits_per_weight", out / "fig_accuracy_vs_size_cifar10.png")
         sc = next(r for r in cifar if r["quant"] == "self_compress")
         tables[f"CIFAR-10, ResNet-9 ({experiment})"] = layer_table(sc["run_path"])
     for name, rows in tables.items():

@@ -9,7 +9,7 @@ from conftest import ROOT, SCN_TRAIN
 
 from scn import checkpoint, report
 from scn.data import synthetic
-from scn.train import evaluate
+from scn.evaluation import evaluate
 
 
 def scn_train(*args, cwd=None):

@@ -9,7 +9,8 @@ from scn.errors import ConfigError
 from scn.models import build
 from scn.quant import Scheme, quantize_
 from scn.schedule import Constant
-from scn.train import TrainConfig, Trainer, evaluate
+from scn.evaluation import evaluate
+from scn.train import TrainConfig, Trainer
 
 
 def model():

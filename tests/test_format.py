@@ -16,7 +16,7 @@ from safetensors.numpy import load as st_load
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from scn import checkpoint, evaluate, size, surgery
+from scn import checkpoint, eval_cli, size, surgery
 from scn import format as fmt
 from scn.data import synthetic
 from scn.errors import FormatError
@@ -24,7 +24,7 @@ from scn.models import SmallCNN, build
 from scn.quant import Scheme, SCLayer, quantize_, sc_layers
 from scn.schedule import Constant
 from scn.train import TrainConfig, train
-from scn.train import evaluate as evaluate_model
+from scn.evaluation import evaluate as evaluate_model
 
 FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -484,7 +484,7 @@ def test_spec_decoder_matches_on_odd_layers_with_masks():
 
 def test_scn_eval_json(trained, data, capsys):
     model, path = trained
-    assert evaluate.main([str(path), "--json"]) == 0
+    assert eval_cli.main([str(path), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     acc, _ = evaluate_model(model, data)
     rep = size.report(model)
@@ -492,7 +492,7 @@ def test_scn_eval_json(trained, data, capsys):
     assert out["bits_per_weight"] == pytest.approx(rep.bits_per_weight)
     assert out["ideal_bytes"] == rep.ideal_bytes and out["float32_bytes"] == rep.float32_bytes
     assert out["channels_left"] == {k: v[0] for k, v in rep.channels.items()}
-    assert evaluate.main([str(path)]) == 0
+    assert eval_cli.main([str(path)]) == 0
     text = capsys.readouterr().out
     assert "test accuracy" in text and "bits/weight" in text and "channels left" in text
 
@@ -503,7 +503,7 @@ def test_scn_eval_export_is_a_plain_state_dict(tmp_path, data, capsys):
     set_random_bits(model, gen, 1, 6)
     fmt.save(model, tmp_path / "m.scn", dataset_info(data))
     out = tmp_path / "plain.safetensors"
-    assert evaluate.main([str(tmp_path / "m.scn"), "--export", str(out)]) == 0
+    assert eval_cli.main([str(tmp_path / "m.scn"), "--export", str(out)]) == 0
     assert "exported" in capsys.readouterr().out
     state = load_file(str(out))
     plain = SmallCNN(num_classes=4, width=4).eval()
@@ -519,19 +519,19 @@ def test_scn_eval_errors_are_one_line_without_traceback(tmp_path, small_file, ca
     cases = [[str(tmp_path / "junk.scn")], [str(small_file), "--dataset", "imagenet"],
              [str(tmp_path / "missing.scn")]]
     for argv in cases:
-        assert evaluate.main(argv) == 2
+        assert eval_cli.main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("scn-eval: error: ") and "Traceback" not in err
     model = quantize_(build("SmallCNN", in_channels=1, num_classes=4, width=4), Scheme())
     fmt.save(model, tmp_path / "nodata.scn")
-    assert evaluate.main([str(tmp_path / "nodata.scn")]) == 2
+    assert eval_cli.main([str(tmp_path / "nodata.scn")]) == 2
     assert "--dataset" in capsys.readouterr().err
-    assert evaluate.main([str(tmp_path / "nodata.scn"), "--dataset", "synthetic", "--json"]) == 0
+    assert eval_cli.main([str(tmp_path / "nodata.scn"), "--dataset", "synthetic", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["dataset"] == "synthetic"
 
 
-def test_python_m_scn_evaluate(trained):
-    proc = subprocess.run([sys.executable, "-m", "scn.evaluate", str(trained[1]), "--json"],
+def test_python_m_scn_eval_cli(trained):
+    proc = subprocess.run([sys.executable, "-m", "scn.eval_cli", str(trained[1]), "--json"],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert re.search(r'"test_accuracy": [0-9.]+', proc.stdout)

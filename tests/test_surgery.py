@@ -10,7 +10,8 @@ from scn import size, surgery
 from scn.errors import SurgeryError
 from scn.models import ResNet, SmallCNN
 from scn.quant import SCConv2d, Scheme, quantize_, sc_layers
-from scn.train import TrainConfig, make_optimizer
+from scn.optim import make_optimizer
+from scn.train import TrainConfig
 
 
 def randomize_norms(model):

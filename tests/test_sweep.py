@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import CONFIGS, SCN_TRAIN
 
-from scn import aggregate, report_cli
+from scn import aggregate, report_cli, sweep_report
 
 SCN_REPORT = Path(sys.executable).parent / "scn-report"
 # Three gammas that end at different bits/weight within 4 steps on the synthetic data.
@@ -74,13 +74,13 @@ def test_report_copies_each_runs_own_figures(reported):
 
 
 def test_plots_are_non_empty_pngs(reported):
-    for name in aggregate.PLOT_NAMES:
+    for name in sweep_report.PLOT_NAMES:
         data = (reported / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
 
 
 def test_layer_bits_come_from_the_model(sweep):
-    bits = aggregate.layer_bits(sweep / "0")
+    bits = sweep_report.layer_bits(sweep / "0")
     summary = json.loads((sweep / "0" / "summary.json").read_text())
     assert bits is not None and set(bits) == set(summary["channels_left"])
     assert all(0 <= b <= 32 for b in bits.values())
@@ -125,7 +125,7 @@ def test_report_survives_crashed_runs(sweep, tmp_path, capsys):
     assert rows["3"]["quant"] == "self_compress" and rows["3"]["test_accuracy"] == ""
     last = aggregate.read_metrics(broken / "1")[-1]  # an unfinished run shows its last evaluation
     assert float(rows["1"]["bits_per_weight"]) == pytest.approx(last["bits_per_weight"], rel=1e-5)
-    for name in aggregate.PLOT_NAMES:
+    for name in sweep_report.PLOT_NAMES:
         assert (out / name).read_bytes().startswith(PNG_MAGIC), name
     assert not (broken / "report.csv").exists()  # --out: nothing written into the sweep
 

@@ -9,7 +9,8 @@ from scn.errors import ConfigError, NumericalError
 from scn.models import SmallCNN, build
 from scn.quant import Scheme, quantize_
 from scn.schedule import Constant, Cosine, LinearWarmup
-from scn.train import TrainConfig, recalibrate_norms, train
+from scn.evaluation import recalibrate_norms
+from scn.train import Reporter, TrainConfig, train
 
 
 def model(kind="self_compress", width=8, bits=3):
@@ -132,12 +133,13 @@ def test_frozen_bit_depths_stay_while_weights_train():
     bits_before = size.report(m).bits_per_weight
     seen = {}
 
-    def snapshot(row):
-        seen[row["step"]] = {k: v.detach().clone() for k, v in m.named_parameters()}
+    class Snapshot(Reporter):
+        def evaluated(self, row):
+            seen[row["step"]] = {k: v.detach().clone() for k, v in m.named_parameters()}
 
     cfg = TrainConfig(max_epochs=20, max_steps=30, batch_size=64, lr_quant=0.3, prune_every=5,
                       eval_every=15, freeze_quant=0.5, progress=False)
-    result = train(m, synthetic(), cfg, Constant(gamma=2.0), on_eval=snapshot)
+    result = train(m, synthetic(), cfg, Constant(gamma=2.0), reporter=Snapshot())
     assert result.surgeries > 0 and result.history[0]["bits_per_weight"] < bits_before
     half, end = seen[15], seen[30]
     quant = [k for k in end if k.endswith((".b", ".e"))]

@@ -4,7 +4,7 @@
 - torchvision's python-version batches: `root/cifar-10-batches-py/` (or that folder itself),
   read through `torchvision.datasets.CIFAR10` (its `.data` array: no per-image Python);
 - an ImageFolder tree `root/{train,test}/<class>/<image>` with CIFAR-10's ten classes, such
-  as the JPEG re-encoding at /work/shared/data/cifar10-jpeg, read through `image_folder`
+  as a JPEG re-encoding of it, read through `image_folder`
   (decoded once, then cached). Its ImageData is named "cifar10-jpeg", not "cifar10": it is
   not the original lossless pixels, and reports should say "CIFAR-10 (JPEG copy)".
 """
@@ -64,7 +64,7 @@ def _explain(where: str, download: bool, reason: Exception) -> DataError:
         f"CIFAR-10 was not found {where}"
         f"{', and torchvision could not download it' if download else ' (download is off)'} "
         f"({why}). Either point dataset.root at an ImageFolder tree of it, e.g. "
-        f"`dataset=cifar10 dataset.root=/work/shared/data/cifar10-jpeg` (train/<class>/*.jpg and "
+        f"`dataset=cifar10 dataset.root=DIR` (DIR holding train/<class>/*.jpg and "
         f"test/<class>/*.jpg, the ten CIFAR-10 class folders), or at a folder holding "
         f"torchvision's {BATCHES}/; or run once with network access (dataset.download=true) "
         f"to let torchvision download it into dataset.root (./data when unset)."
@@ -84,16 +84,17 @@ def cifar10(root: str | None = None, source: str = "auto", cache_dir: str | None
     augment = augment or Augment(crop_padding=4, flip=True)
     if root is not None:
         path = existing_folder(root, (
-            f"Point it at a CIFAR-10 ImageFolder tree (e.g. /work/shared/data/cifar10-jpeg) or at "
-            f"a folder holding torchvision's {BATCHES}/ (create the folder first to download into "
-            f"it), or leave it unset to use ./data and torchvision's download."))
+            f"Point it at a CIFAR-10 ImageFolder tree (DIR/train/<class>/*.jpg and "
+            f"DIR/test/<class>/*.jpg) or at a folder holding torchvision's {BATCHES}/ (create "
+            f"the folder first to download into it), or leave it unset to use ./data and "
+            f"torchvision's download."))
         if path.name == BATCHES and (path / "data_batch_1").is_file():
             path = path.parent  # pointed at the batches folder itself: torchvision wants its parent
     else:
         path = Path(DEFAULT_ROOT)
         if source == "image_folder":
             raise ConfigError("dataset.source=image_folder needs dataset.root: the folder holding "
-                              "train/<class>/ and test/<class>/ (e.g. /work/shared/data/cifar10-jpeg)")
+                              "train/<class>/ and test/<class>/")
 
     use_folder = source == "image_folder" or (
         source == "auto" and root is not None and _is_image_folder(path)

@@ -23,6 +23,7 @@ from torch import nn
 from scn import format as scn_format
 from scn import io, size
 from scn.errors import DataError, ScnError
+from scn.evaluation import evaluate
 from scn.quant import sc_layers
 
 DATASETS = ("fashion_mnist", "synthetic")
@@ -100,8 +101,6 @@ def measure(path: str | Path, dataset: str | None = None, root: str | None = Non
     Evaluation runs as scn-train's does (channels-last layout, batches of 1000 by default), so
     the same arithmetic gives the same predictions the run reported, bit for bit.
     """
-    from scn.train import evaluate
-
     model, header = scn_format.load(path, device=device)
     name = dataset or (header.get("dataset") or {}).get("name")
     if not name:
