@@ -9,19 +9,19 @@ values, so a shrunk model comes back shrunk.
 
 from __future__ import annotations
 
-import json
+import inspect
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open
+from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from scn import io
+from scn import container, io
 from scn.errors import FormatError, ScnError
-from scn.models import build
+from scn.models import MODELS, build
 from scn.quant import SCConv2d, Scheme, SCLinear, quantize_
 from scn.size import Reference
 
@@ -112,37 +112,42 @@ def save_checkpoint(model: nn.Module, path: str | Path, dataset: dict | None = N
     header = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **describe(model, dataset)}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     # In memory, then written by Python: a full disk is an OSError naming the file.
-    io.write_bytes(path, st_save(state, metadata={"scn": json.dumps(header)}))
+    io.write_bytes(path, container.write(st_save, state, header))
 
 
-def read_header(path: str | Path, expected_format: str = CHECKPOINT_FORMAT) -> dict:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise FormatError(f"{path} is not a readable safetensors file ({exc}); it may be "
-                          "truncated or not an scn checkpoint.") from exc
-    try:
-        header = json.loads(meta["scn"])
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{path} is a safetensors file but not an scn checkpoint "
-                          "(no valid 'scn' metadata).") from exc
-    if header.get("format") != expected_format:
-        raise FormatError(f"{path} is a {header.get('format')!r} file, not {expected_format!r}.")
-    if header.get("version") != CHECKPOINT_VERSION:
-        raise FormatError(f"{path} is version {header.get('version')!r} of the checkpoint format; "
-                          f"this scn reads version {CHECKPOINT_VERSION}. Upgrade scn.")
-    return header
+def read_header(path: str | Path) -> dict:
+    """The JSON header of a model checkpoint (format and version checked; data not verified)."""
+    return container.header_of(container.read_head(path), str(path), CHECKPOINT_FORMAT,
+                               CHECKPOINT_VERSION)[0]
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild the model stored at `path` (its shrunk shape included); returns (model, header)."""
-    header = read_header(path)
+    header, raw = container.read(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
     try:
-        state = load_file(str(path), device=device)
-    except (SafetensorError, OSError) as exc:
-        raise FormatError(f"{path}: the tensor data is unreadable ({exc}).") from exc
+        state = {k: v.to(device) for k, v in st_load(raw).items()}
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise FormatError(f"{path}: the tensor data is unreadable ({exc}).") from None
     model = rebuild(header, {k: tuple(v.shape) for k, v in state.items()},
-                    max_scalars=max(1 << 24, 1024 * Path(path).stat().st_size))
-    model.load_state_dict(state, strict=True)
+                    max_scalars=max(1 << 24, 1024 * len(raw)))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise FormatError(f"{path}: its tensors do not fit the model its header names ({exc}).") from None
     return model.eval(), header
+
+
+def input_shape(header: dict) -> tuple[int, ...] | None:
+    """One input's shape (C, H, W): the dataset's, else the model's arguments, else None."""
+    shape = (header.get("dataset") or {}).get("input_shape")
+    if shape:
+        return tuple(int(s) for s in shape)
+    spec = header.get("model") or {}
+    cls = MODELS.get(spec.get("name"))
+    if cls is None:
+        return None
+    kw = {k: p.default for k, p in inspect.signature(cls).parameters.items()}
+    kw.update(spec.get("kwargs") or {})
+    if isinstance(kw.get("in_channels"), int) and isinstance(kw.get("image_size"), int):
+        return (kw["in_channels"], kw["image_size"], kw["image_size"])
+    return None

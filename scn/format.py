@@ -5,17 +5,13 @@ channel's bit depth (a 3-bit channel costs 3 bits per weight, a 0-bit channel no
 `load(path)` rebuilds the model, bit for bit. docs/format.md is the specification; this module
 is one implementation of it.
 
-The container is safetensors (no pickle: safe to open from strangers) with five tensors:
-`codes` (uint8: every quantized layer's bitstream), `bits` (uint8) and `exponents` (int8),
-one entry per quantized output channel, `floats` (float32: every other stored tensor,
-flattened and concatenated) and, only when some layer has dead inputs, `live_inputs`
-(uint8 bit masks). The JSON header in the metadata entry "scn" names the format and
-version, describes the model the way the training checkpoint does (`checkpoint.describe`:
-registered model name and arguments, scheme, size reference, dataset), and lists the
-layers and float tensors in storage order. A SHA-256 of the whole file (metadata entry
-"scn_sha256") catches any corruption. A few large tensors instead of one per layer keep the
-fixed overhead small: a safetensors entry costs ~75 bytes, which for a ResNet-20 would add
-up to some 10 KB.
+The container (scn.container: safetensors, a JSON header, a SHA-256 of the whole file) holds
+five tensors: `codes` (uint8: every quantized layer's bitstream, scn.packing), `bits` (uint8)
+and `exponents` (int8), one entry per quantized output channel, `floats` (float32: every other
+stored tensor, flattened and concatenated) and, only when some layer has dead inputs,
+`live_inputs` (uint8 bit masks). The header describes the model as `checkpoint.describe` does
+and lists the layers and float tensors in storage order. A few large tensors instead of one
+per layer keep the fixed overhead small (a safetensors entry costs ~75 bytes).
 
 Channels: before writing, a deep copy of the model goes through physical channel surgery
 (`surgery.trace` + `surgery.prune(physical=True)`), which removes every output channel whose
@@ -33,13 +29,7 @@ is left untouched).
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import inspect
-import json
 import math
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,19 +39,15 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 from torch import nn
 
-from scn import checkpoint, io
-from scn.errors import FormatError, SurgeryError
-from scn.models import MODELS
+from scn import checkpoint, container, io, surgery
+from scn.errors import FormatError
+from scn.packing import pack_codes, unpack_codes
 from scn.quant import MAX_BITS, SCLayer, sc_layers
 
 FORMAT = "scn"
 VERSION = 1
-METADATA_KEY = "scn"
-CHECKSUM_KEY = "scn_sha256"
 MAX_EXPONENT = 110  # |E| <= 110 keeps every code * 2^E an exact, normal float32
 _FREE_SUFFIXES = ("in_alive", "num_batches_tracked")  # never stored (as in scn.size)
-_CHECKSUM_RE = re.compile(rb'"scn_sha256"\s*:\s*"([0-9a-f]{64})"')
-_PLANES = np.arange(16)
 _MAX_ELEMENTS = 1 << 32  # no layer of a real model comes near; a larger one is a damaged header
 # Sizes a file's bytes can plausibly describe, checked before anything is allocated: decoded
 # tensors (a real file stores >= 1 bit per weight of all but a few channels: 8 per byte, with
@@ -69,44 +55,6 @@ _MAX_ELEMENTS = 1 << 32  # no layer of a real model comes near; a larger one is 
 _ELEMENTS_PER_BYTE, _MIN_ELEMENTS = 256, 1 << 22
 _SCALARS_PER_BYTE, _MIN_SCALARS = 1024, 1 << 24
 _MAX_INPUT_ELEMENTS = 1 << 22  # one input image (C*H*W) for the load-time check
-
-
-# ---------------------------------------------------------------------------------------------
-# Bit packing: codes of one layer, channel after channel, each at its own bit depth.
-
-
-def pack_codes(codes: np.ndarray, bits: np.ndarray) -> np.ndarray:
-    """Pack signed integer codes (channels, m) at per-channel bit depths into bytes.
-
-    Channel c's codes are written in order, each as its bits[c] low two's-complement bits,
-    least significant bit first; the stream fills each byte from bit 0 (LSB) up and the last
-    byte is zero-padded. bits[c] = 0 writes nothing. Vectorised: the codes' 16-bit
-    two's-complement bit planes are laid out (channel, code, bit) in C order, and the planes a
-    channel does not use are dropped, which leaves exactly the stream.
-    """
-    codes = np.asarray(codes)
-    bits = np.asarray(bits, dtype=np.int64)
-    o, m = codes.shape
-    planes = np.unpackbits(codes.astype("<i2").view(np.uint8).reshape(o, m, 2), axis=2,
-                           bitorder="little")  # (o, m, 16): bit k of each code
-    used = np.broadcast_to(_PLANES < bits[:, None, None], planes.shape)
-    return np.packbits(planes[used], bitorder="little")
-
-
-def unpack_codes(stream: np.ndarray, bits: np.ndarray, m: int) -> np.ndarray:
-    """Inverse of `pack_codes`: the (channels, m) int32 codes from a layer's stream."""
-    bits = np.asarray(bits, dtype=np.int64)
-    o = len(bits)
-    total = m * int(bits.sum())
-    if len(stream) != -(-total // 8):
-        raise FormatError(f"a layer's bitstream holds {len(stream)} bytes where its bit depths "
-                          f"need {-(-total // 8)}; the file is corrupt.")
-    planes = np.zeros((o, m, 16), dtype=np.uint8)
-    used = np.broadcast_to(_PLANES < bits[:, None, None], planes.shape)
-    planes[used] = np.unpackbits(stream, count=total, bitorder="little")
-    u = np.packbits(planes, axis=2, bitorder="little").view("<u2").reshape(o, m).astype(np.int32)
-    half = np.where(bits > 0, 1 << np.maximum(bits - 1, 0), 1 << 17)[:, None]  # 2^(B-1)
-    return np.where(u >= half, u - 2 * half, u).astype(np.int32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,156 +244,21 @@ def decode(packed: Packed) -> dict[str, torch.Tensor]:
 # The file: serialization, checks, and the public save / load.
 
 
-def input_shape(header: dict) -> tuple[int, ...] | None:
-    """One input's shape (C, H, W): the dataset's, else the model's arguments, else None."""
-    shape = (header.get("dataset") or {}).get("input_shape")
-    if shape:
-        return tuple(int(s) for s in shape)
-    spec = header.get("model") or {}
-    cls = MODELS.get(spec.get("name"))
-    if cls is None:
-        return None
-    kw = {k: p.default for k, p in inspect.signature(cls).parameters.items()}
-    kw.update(spec.get("kwargs") or {})
-    if isinstance(kw.get("in_channels"), int) and isinstance(kw.get("image_size"), int):
-        return (kw["in_channels"], kw["image_size"], kw["image_size"])
-    return None
-
-
-def shrunk_copy(model: nn.Module, shape: tuple[int, ...] | None) -> nn.Module:
-    """A CPU copy of `model` with every removable 0-bit channel and dead input taken out.
-
-    Uses physical channel surgery (outputs unchanged). A model surgery cannot trace is
-    copied as it is: its dead channels are stored at 0 bits and its dead inputs masked.
-    """
-    from scn import surgery  # torch.fx: only needed when saving
-
-    copied = copy.deepcopy(model).cpu()
-    for p in copied.parameters():
-        p.grad = None
-    removable = any(bool((~layer.live_out()).any() or (~layer.in_alive).any())
-                    for _, layer in sc_layers(copied))
-    if removable and shape is not None:  # else surgery would find nothing to do
-        try:
-            graph = surgery.trace(copied, torch.zeros((1, *shape)))
-            surgery.prune(copied, graph, physical=True)
-        except SurgeryError:
-            copied = copy.deepcopy(model).cpu()
-    return copied
-
-
-def _plain(x):
-    """JSON for tensors and arrays a dataset description may hold."""
-    if hasattr(x, "tolist"):
-        return x.tolist()
-    raise TypeError(f"cannot write {type(x).__name__} to the .scn header")
-
-
 def serialize(packed: Packed, header: dict) -> bytes:
     """The file's bytes: safetensors with the header and the checksum in its metadata."""
-    header = {**header, "layers": packed.layers, "floats": packed.floats}
-    meta = {METADATA_KEY: json.dumps(header, separators=(",", ":"), allow_nan=False, default=_plain),
-            CHECKSUM_KEY: "0" * 64}
-    raw = bytearray(st_save(packed.tensors, metadata=meta))
-    n = int.from_bytes(raw[:8], "little")
-    found = list(_CHECKSUM_RE.finditer(raw, 8, 8 + n))
-    assert len(found) == 1, "safetensors wrote the metadata in an unexpected way"
-    start, end = found[0].span(1)
-    raw[start:end] = hashlib.sha256(raw).hexdigest().encode()
-    return bytes(raw)
-
-
-def _not_scn(name: str, why: str) -> FormatError:
-    return FormatError(f"{name} is not a .scn model file: {why}. Check the path; .scn files are "
-                       "written by scn.save (or a run's model.scn).")
-
-
-def _split(raw: bytes, name: str) -> tuple[int, dict]:
-    """The safetensors header (its length and parsed JSON), with clear errors."""
-    if len(raw) < 8:
-        raise _not_scn(name, f"it is only {len(raw)} bytes long (empty or truncated)")
-    n = int.from_bytes(raw[:8], "little")
-    looks_safetensors = raw[8:9] == b"{"
-    if n > len(raw) - 8:
-        if looks_safetensors:
-            raise FormatError(f"{name} is truncated: its header alone should be {n} bytes but the "
-                              f"file has {len(raw)}. Copy or download it again.")
-        raise _not_scn(name, "it does not start with a safetensors header")
-    try:
-        st_header = json.loads(raw[8:8 + n].decode("utf-8"))
-        if not isinstance(st_header, dict):
-            raise ValueError("not an object")
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        if looks_safetensors:
-            raise FormatError(f"{name} is corrupt: its safetensors header is not valid JSON "
-                              f"({exc}). Copy or download it again.") from None
-        raise _not_scn(name, "it does not start with a safetensors header") from None
-    return n, st_header
+    return container.write(st_save, packed.tensors,
+                           {**header, "layers": packed.layers, "floats": packed.floats})
 
 
 def read_header(path: str | Path) -> dict:
     """The JSON header of a .scn file (format and version checked; data not read or verified)."""
-    name = str(path)
-    return _header_of(_read_head(path), name)[0]
-
-
-def _read_head(path: str | Path) -> bytes:
-    """The first 8 bytes and the safetensors header they announce (at most the whole file)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else 0
-            return head + f.read(max(min(n, os.fstat(f.fileno()).st_size - 8), 0))
-    except OSError as exc:
-        raise FormatError(f"cannot read {path}: {exc.strerror or exc}.") from None
-
-
-def _header_of(raw: bytes, name: str) -> tuple[dict, int, dict]:
-    n, st_header = _split(raw, name)
-    meta = st_header.get("__metadata__") or {}
-    if not isinstance(meta, dict) or METADATA_KEY not in meta:
-        raise _not_scn(name, "it is a safetensors file without scn's 'scn' metadata")
-    try:
-        header = json.loads(meta[METADATA_KEY])
-        if not isinstance(header, dict):
-            raise ValueError("not an object")
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise FormatError(f"{name} is corrupt: its 'scn' header is not valid JSON ({exc}). "
-                          "Copy or download it again.") from None
-    fmt, version = header.get("format"), header.get("version")
-    if fmt == checkpoint.CHECKPOINT_FORMAT:
-        raise FormatError(f"{name} is a training checkpoint (model.safetensors), not a packed .scn "
-                          "file. Load it with scn.checkpoint.load_checkpoint and pack it with "
-                          "scn.save(model, 'model.scn', header['dataset']).")
-    if fmt != FORMAT:
-        raise _not_scn(name, f"its header names the format {fmt!r}")
-    if version != VERSION:
-        raise FormatError(f"{name} is version {version!r} of the .scn format; this scn reads "
-                          f"version {VERSION}. Use the scn release that wrote it (or upgrade scn); "
-                          "if the file should be version 1, it is corrupt.")
-    return header, n, st_header
+    return container.header_of(container.read_head(path), str(path), FORMAT, VERSION)[0]
 
 
 def parse(raw: bytes, name: str = "the data") -> tuple[dict, Packed]:
     """Check a whole file held in memory and split it into its header and Packed contents."""
-    header, n, st_header = _header_of(raw, name)
-    try:
-        end = max([int(v["data_offsets"][1]) for k, v in st_header.items() if k != "__metadata__"],
-                  default=0)
-    except (TypeError, KeyError, IndexError, ValueError):
-        raise FormatError(f"{name} is corrupt: its safetensors header is malformed.") from None
-    if 8 + n + end > len(raw):
-        raise FormatError(f"{name} is truncated: it should be {8 + n + end} bytes but has "
-                          f"{len(raw)}. Copy or download it again.")
-    found = list(_CHECKSUM_RE.finditer(raw, 8, 8 + n))
-    if len(found) != 1:
-        raise FormatError(f"{name} is corrupt: its checksum ({CHECKSUM_KEY}) is missing or "
-                          "damaged. Copy or download it again.")
-    start, stop = found[0].span(1)
-    blank = raw[:start] + b"0" * 64 + raw[stop:]
-    if hashlib.sha256(blank).hexdigest().encode() != raw[start:stop]:
-        raise FormatError(f"{name} is corrupt: its contents do not match their SHA-256 checksum "
-                          "(a damaged or edited file). Copy or download it again.")
+    header, n, st_header = container.header_of(raw, name, FORMAT, VERSION)
+    container.verify(raw, name, n, st_header)
     try:
         tensors = st_load(bytes(raw))
     except Exception as exc:  # safetensors raises several types; the user needs one message
@@ -491,16 +304,13 @@ def save(model: nn.Module, path: str | Path, dataset: dict | None = None) -> int
 def to_bytes(model: nn.Module, dataset: dict | None = None) -> bytes:
     """The .scn file of `model`, in memory (what `save` writes)."""
     header = {"format": FORMAT, "version": VERSION, **checkpoint.describe(model, dataset)}
-    return serialize(encode(shrunk_copy(model, input_shape(header))), header)
+    return serialize(encode(surgery.shrunk_copy(model, checkpoint.input_shape(header))), header)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild the model a .scn file holds; returns (model in eval mode, header)."""
     name = str(path)
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        raise FormatError(f"cannot read {name}: {exc.strerror or exc}.") from None
+    raw = container.read_bytes(path)
     header, packed = parse(raw, name)
     state = decode(packed)
     try:
@@ -526,7 +336,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Modul
         raise FormatError(f"{name}: its tensors do not fit the model its header names ({exc}).") from None
     model.eval()
     try:
-        shape = input_shape(header)
+        shape = checkpoint.input_shape(header)
         if shape is not None and (len(shape) != 3 or min(shape) <= 0
                                   or math.prod(shape) > _MAX_INPUT_ELEMENTS):
             raise ValueError(f"implausible input shape {list(shape)}")
@@ -545,9 +355,9 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Modul
 
 def file_stats(path: str | Path) -> dict:
     """Where a .scn file's bytes go: payload (codes), meta (bits, exponents), floats, the rest."""
-    raw = _read_head(path)
+    raw = container.read_head(path)
     size = Path(path).stat().st_size
-    _, _, st_header = _header_of(raw, str(path))
+    _, _, st_header = container.header_of(raw, str(path), FORMAT, VERSION)
 
     def nbytes(key: str) -> int:
         entry = st_header.get(key)
@@ -563,4 +373,4 @@ def file_stats(path: str | Path) -> dict:
 
 
 __all__ = ["FORMAT", "VERSION", "Packed", "decode", "encode", "file_stats", "load", "pack_codes",
-           "parse", "read_header", "save", "serialize", "shrunk_copy", "unpack_codes"]
+           "parse", "read_header", "save", "serialize", "unpack_codes"]

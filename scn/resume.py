@@ -15,8 +15,6 @@ it the state (Trainer.load_state_dict).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +22,11 @@ from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import safe_open
+from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from scn import checkpoint, io
+from scn import checkpoint, container, io
 from scn.errors import ConfigError, FormatError, NumericalError
 
 if TYPE_CHECKING:
@@ -93,28 +91,12 @@ def check_finite(state: State) -> None:
             "learning rates (trainer.lr, trainer.lr_quant) or size_loss.gamma and rerun.")
 
 
-def digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of the tensors' names and bytes: catches a checkpoint damaged on disk."""
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        h.update(key.encode())
-        h.update(tensors[key].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def save(path: str | Path, state: State) -> None:
-    """Write `state` atomically (after checking it is finite)."""
+    """Write `state` atomically (after checking it is finite), checksummed like every scn file."""
     check_finite(state)
-    meta = {"scn": json.dumps({**state.meta, "tensors_sha256": digest(state.tensors)}, default=_plain)}
     # Serialized in memory and written by Python: a full disk is then an OSError naming the
     # file, where safetensors' own writer raises a SafetensorError without one.
-    io.write_bytes(path, st_save(state.tensors, metadata=meta))
-
-
-def _plain(x):
-    if hasattr(x, "tolist"):
-        return x.tolist()
-    raise TypeError(f"cannot write {type(x).__name__} into a training checkpoint")
+    io.write_bytes(path, container.write(st_save, state.tensors, state.meta, allow_nan=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,31 +104,19 @@ def _plain(x):
 
 
 def load(path: str | Path) -> State:
-    """Read a training checkpoint; a FormatError says what is wrong with a bad one."""
+    """Read a training checkpoint; a FormatError says what is wrong with a bad one.
+
+    The whole file is checked against its checksum first, so a damaged header (a flipped digit
+    of its step, say) is refused, never resumed from.
+    """
     try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("scn")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        meta, raw = container.read(path, FORMAT, VERSION)
+    except FormatError as exc:
+        raise _unreadable(path, str(exc).removeprefix(f"{path} ").rstrip(".")) from None
+    try:
+        tensors = st_load(raw)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
         raise _unreadable(path, str(exc)) from None
-    try:
-        meta = json.loads(raw)
-        if not isinstance(meta, dict):
-            raise ValueError("the header is not a JSON object")
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise _unreadable(path, f"no valid 'scn' header: {exc}") from None
-    if meta.get("format") != FORMAT:
-        raise _unreadable(path, f"it is a {meta.get('format')!r} file, not {FORMAT!r}")
-    if meta.get("version") != VERSION:
-        raise FormatError(f"{path} is version {meta.get('version')!r} of the training checkpoint; "
-                          f"this scn reads version {VERSION}. Resume it with the scn that wrote it, "
-                          "or run the same command without resume=true to start over.")
-    try:
-        intact = meta.get("tensors_sha256") == digest(tensors)
-    except (RuntimeError, TypeError) as exc:
-        raise _unreadable(path, str(exc)) from None
-    if not intact:
-        raise _unreadable(path, "its tensors do not match their SHA-256 checksum: a damaged file")
     return State(tensors, meta)
 
 

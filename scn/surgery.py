@@ -19,6 +19,7 @@ valid shape and a constant output where the layer died.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -26,9 +27,9 @@ from torch import nn
 
 from scn.errors import SurgeryError
 from scn.graph import ChannelGraph, Space, trace
-from scn.quant import SCConv2d, SCLayer
+from scn.quant import SCConv2d, SCLayer, sc_layers
 
-__all__ = ["ChannelGraph", "PruneResult", "Space", "prune", "settle_norms", "trace"]
+__all__ = ["ChannelGraph", "PruneResult", "Space", "prune", "settle_norms", "shrunk_copy", "trace"]
 
 
 def _dead_channels(model: nn.Module, space: Space) -> torch.Tensor:
@@ -305,3 +306,23 @@ def _prune(model: nn.Module, graph: ChannelGraph, physical: bool,
         _remove(model, space, remove, physical, optimizer, result)
         result.removed[space.producers[0]] = int(remove.sum())
     return result
+
+
+def shrunk_copy(model: nn.Module, shape: tuple[int, ...] | None) -> nn.Module:
+    """A CPU copy of `model` with every removable 0-bit channel and dead input taken out.
+
+    Uses physical channel surgery (outputs unchanged). A model surgery cannot trace is
+    copied as it is: its dead channels are stored at 0 bits and its dead inputs masked.
+    """
+    copied = copy.deepcopy(model).cpu()
+    for p in copied.parameters():
+        p.grad = None
+    removable = any(bool((~layer.live_out()).any() or (~layer.in_alive).any())
+                    for _, layer in sc_layers(copied))
+    if removable and shape is not None:  # else surgery would find nothing to do
+        try:
+            graph = trace(copied, torch.zeros((1, *shape)))
+            prune(copied, graph, physical=True)
+        except SurgeryError:
+            copied = copy.deepcopy(model).cpu()
+    return copied

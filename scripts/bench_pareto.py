@@ -7,8 +7,9 @@ Same model, data, epochs and seed (+experiment=fashion_mnist_cnn) for every poin
   self_compress  self-compression over gamma.
 Run folders live under --runs, shared with bench_fashion_mnist.py (a run both need is trained
 once); a finished run is reused, so a killed benchmark resumes where it stopped. The table and
-plots come from scn.aggregate and scn.sweep_report, the same code as `scn-report`. The self-compression points are
-the folders of the gamma sweep, which this one command makes (and `scn-report` reports on):
+plots come from scn.aggregate and scn.sweep_report, the same code as `scn-report`. The
+self-compression points are the folders of the gamma sweep, which this one command makes
+(and `scn-report` reports on):
 
     scn-train -m +experiment=fashion_mnist_cnn size_loss.gamma=0.02,0.05,0.1,0.2,0.4 [trainer.max_epochs=2] \
         hydra.sweep.dir=outputs/bench/fashion_mnist/gamma_sweep 'hydra.sweep.subdir=gamma_${size_loss.gamma}'

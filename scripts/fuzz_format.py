@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scn import container
 from scn import format as fmt
 from scn.errors import FormatError
 from scn.models import build
@@ -100,7 +101,7 @@ def resign(raw: bytes) -> bytes:
     if len(raw) < 8:
         return raw
     n = int.from_bytes(raw[:8], "little")
-    found = list(fmt._CHECKSUM_RE.finditer(raw, 8, min(8 + n, len(raw))))
+    found = list(container._CHECKSUM_RE.finditer(raw, 8, min(8 + n, len(raw))))
     if len(found) != 1:
         return raw
     start, stop = found[0].span(1)
@@ -183,8 +184,8 @@ def header_field(rng: random.Random, raw: bytes) -> bytes:
     tree["layers"], tree["floats"] = packed.layers, packed.floats
     _mutate_tree(rng, tree)
     layers, floats = tree.pop("layers", []), tree.pop("floats", [])
-    meta = {fmt.METADATA_KEY: json.dumps({**tree, "layers": layers, "floats": floats}),
-            fmt.CHECKSUM_KEY: "0" * 64}
+    meta = {container.METADATA_KEY: json.dumps({**tree, "layers": layers, "floats": floats}),
+            container.CHECKSUM_KEY: "0" * 64}
     st_header, data = _split(raw)
     st_header["__metadata__"] = meta
     return _join(st_header, data)
@@ -262,10 +263,10 @@ def deep_nesting(rng: random.Random, raw: bytes) -> bytes:
     """A header with a field nested thousands of levels deep (a recursion bomb); re-signed."""
     st_header, data = _split(raw)
     depth = rng.choice([100, 5000, 100_000])
-    scn_text = st_header["__metadata__"][fmt.METADATA_KEY]
+    scn_text = st_header["__metadata__"][container.METADATA_KEY]
     bomb = "[" * depth + "]" * depth
     if rng.random() < 0.5:  # inside the scn header
-        st_header["__metadata__"][fmt.METADATA_KEY] = '{"bomb":' + bomb + "," + scn_text[1:]
+        st_header["__metadata__"][container.METADATA_KEY] = '{"bomb":' + bomb + "," + scn_text[1:]
         return _join(st_header, data)
     text = json.dumps(st_header)  # inside the safetensors table
     return _join('{"bomb":' + bomb + "," + text[1:], data)

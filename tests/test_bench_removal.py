@@ -5,8 +5,8 @@ import importlib.util
 import pytest
 from conftest import ROOT
 
-from scn.sweep import compose_config
 from scn.optim import freeze_step
+from scn.sweep import compose_config
 
 _spec = importlib.util.spec_from_file_location("bench_removal", ROOT / "scripts" / "bench_removal.py")
 bench_removal = importlib.util.module_from_spec(_spec)

@@ -6,10 +6,10 @@ import pytest
 
 from scn.data import synthetic
 from scn.errors import ConfigError
+from scn.evaluation import evaluate
 from scn.models import build
 from scn.quant import Scheme, quantize_
 from scn.schedule import Constant
-from scn.evaluation import evaluate
 from scn.train import TrainConfig, Trainer
 
 

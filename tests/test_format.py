@@ -20,11 +20,11 @@ from scn import checkpoint, eval_cli, size, surgery
 from scn import format as fmt
 from scn.data import synthetic
 from scn.errors import FormatError
+from scn.evaluation import evaluate as evaluate_model
 from scn.models import SmallCNN, build
 from scn.quant import Scheme, SCLayer, quantize_, sc_layers
 from scn.schedule import Constant
 from scn.train import TrainConfig, train
-from scn.evaluation import evaluate as evaluate_model
 
 FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -238,7 +238,7 @@ def test_dead_channels_and_masked_inputs_are_not_stored(build_model, masked_firs
     model.eval()
     fmt.save(model, tmp_path / "m.scn", {"input_shape": list(x.shape[1:])})
     loaded, header = fmt.load(tmp_path / "m.scn")
-    reference = fmt.shrunk_copy(model, tuple(x.shape[1:])).eval()
+    reference = surgery.shrunk_copy(model, tuple(x.shape[1:])).eval()
     weights_equal(reference, loaded)  # the pruned copy, bit for bit
     with torch.no_grad():
         before, after = model(x), loaded(x)
@@ -384,7 +384,7 @@ def test_foreign_files_are_refused(tmp_path, trained):
     with pytest.raises(FormatError, match="safetensors file without scn's"):
         fmt.load(tmp_path / "plain.safetensors")
     checkpoint.save_checkpoint(trained[0], tmp_path / "model.safetensors")
-    with pytest.raises(FormatError, match="training checkpoint"):
+    with pytest.raises(FormatError, match="model checkpoint"):
         fmt.load(tmp_path / "model.safetensors")
     with pytest.raises(FormatError, match="cannot read"):
         fmt.load(tmp_path / "missing.scn")

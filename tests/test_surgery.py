@@ -9,8 +9,8 @@ from torch import nn
 from scn import size, surgery
 from scn.errors import SurgeryError
 from scn.models import ResNet, SmallCNN
-from scn.quant import SCConv2d, Scheme, quantize_, sc_layers
 from scn.optim import make_optimizer
+from scn.quant import SCConv2d, Scheme, quantize_, sc_layers
 from scn.train import TrainConfig
 
 
