@@ -37,7 +37,7 @@ test: install lint
 	$(PY) -m pytest
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check scn tests scripts
+	$(VENV)/bin/ruff check scn tests scripts experiments
 
 # Benchmarks write docs/results/; finished runs under outputs/bench/ are reused (resumable).
 bench: install

@@ -23,7 +23,7 @@ from scn import container, io
 from scn.errors import FormatError, ScnError
 from scn.models import MODELS, build
 from scn.quant import SCConv2d, Scheme, SCLinear, quantize_
-from scn.size import Reference
+from scn.reference import Reference
 
 CHECKPOINT_FORMAT = "scn-checkpoint"
 CHECKPOINT_VERSION = 1

@@ -43,11 +43,11 @@ from scn import checkpoint, container, io, surgery
 from scn.errors import FormatError
 from scn.packing import pack_codes, unpack_codes
 from scn.quant import MAX_BITS, SCLayer, sc_layers
+from scn.reference import FREE_SUFFIXES
 
 FORMAT = "scn"
 VERSION = 1
 MAX_EXPONENT = 110  # |E| <= 110 keeps every code * 2^E an exact, normal float32
-_FREE_SUFFIXES = ("in_alive", "num_batches_tracked")  # never stored (as in scn.size)
 _MAX_ELEMENTS = 1 << 32  # no layer of a real model comes near; a larger one is a damaged header
 # Sizes a file's bytes can plausibly describe, checked before anything is allocated: decoded
 # tensors (a real file stores >= 1 bit per weight of all but a few channels: 8 per byte, with
@@ -129,7 +129,7 @@ def encode(model: nn.Module) -> Packed:
         if not layer.input_offset.numel():
             handled.add(prefix + "input_offset")  # empty: the rebuilt model's default
     for key, tensor in state.items():
-        if key in handled or key.endswith(_FREE_SUFFIXES):
+        if key in handled or key.endswith(FREE_SUFFIXES):
             continue
         if not tensor.is_floating_point():
             raise FormatError(f"tensor {key!r} is {tensor.dtype}; the .scn format stores "

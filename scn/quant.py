@@ -34,11 +34,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scn.reference import Reference
+
 MAX_BITS = 16  # the file format stores bit depths 0..16
 
-# Straight-through rounding: forward rounds, backward passes the gradient unchanged.
 def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Straight-through rounding: the forward pass rounds, the backward pass is the identity."""
     return x + (torch.round(x) - x).detach()
+
+
+def ceil_ste(x: torch.Tensor) -> torch.Tensor:
+    """Straight-through ceiling (a real-valued b is stored with ceil(b) bits)."""
+    return torch.ceil(x) + (x - x.detach())
 
 
 def quantize(
@@ -300,8 +307,6 @@ def quantize_(model: nn.Module, scheme: Scheme) -> nn.Module:
     Layers excluded by the scheme (first/last when not quantized, or all for "none") are still
     converted, as float SC layers, so that surgery and size accounting treat every layer alike.
     """
-    from scn.size import Reference  # size accounting builds on this module, not vice versa
-
     layers = weight_layers(model)
     if not layers:
         raise ValueError("the model has no nn.Conv2d or nn.Linear layer to quantize")

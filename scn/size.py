@@ -18,42 +18,16 @@ compared against the same denominator, before and after channels are removed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from scn.quant import SCLayer, sc_layers
+from scn.quant import MAX_BITS, SCLayer, ceil_ste, round_ste, sc_layers
+from scn.reference import FREE_SUFFIXES as _FREE_SUFFIXES
+from scn.reference import Reference, reference_of  # noqa: F401 (re-exported)
 
 META_BITS_PER_CHANNEL = 16  # one byte for the bit depth, one for the exponent
-_FREE_SUFFIXES = ("in_alive", "num_batches_tracked")
-
-
-@dataclass(frozen=True)
-class Reference:
-    """The original float model's size, the denominator of every ratio reported."""
-
-    scalars: int  # every parameter and float buffer element
-    weights: int  # elements of Conv2d/Linear weights only
-    out_channels: dict[str, int] = field(default_factory=dict)  # per weight layer
-
-    @classmethod
-    def of(cls, model: nn.Module) -> Reference:
-        state = {k: v for k, v in model.state_dict().items() if not k.endswith(_FREE_SUFFIXES)}
-        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        return cls(
-            scalars=sum(v.numel() for v in state.values() if v.is_floating_point()),
-            weights=sum(m.weight.numel() for _, m in layers),
-            out_channels={n: m.weight.shape[0] for n, m in layers},
-        )
-
-
-def reference_of(model: nn.Module) -> Reference:
-    """The reference recorded by `scn.quantize_` (computed before any channel was removed)."""
-    ref = getattr(model, "scn_reference", None)
-    if ref is None:
-        raise ValueError("this model was not converted with scn.quantize_; no size reference")
-    return ref
 
 
 def _live_inputs(layer: SCLayer) -> torch.Tensor:
@@ -113,12 +87,8 @@ def size_loss(model: nn.Module, fixed: torch.Tensor | None = None) -> torch.Tens
     for _, layer in sc_layers(model):
         if not layer.quantized or not layer.b.requires_grad:
             continue
-        b = layer.b
-        if layer.round_bits:
-            b = b + (torch.round(b) - b).detach()
-        else:
-            b = torch.ceil(b) + (b - b.detach())  # the file stores ceil(b) bits
-        bits = b.clamp(min=0, max=16)
+        b = round_ste(layer.b) if layer.round_bits else ceil_ste(layer.b)  # what the file stores
+        bits = b.clamp(min=0, max=MAX_BITS)
         term = _live_inputs(layer).to(bits.dtype) * layer.kernel_numel() * bits.sum()
         total = term if total is None else total + term
     if total is None:

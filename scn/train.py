@@ -1,11 +1,9 @@
 """The training loop: loss = task loss + gamma(t) * Q, with channel surgery every N steps.
 
 `Trainer.run` reads top to bottom as its named steps: train step, surgery, progress, evaluation,
-checkpoint, pause. It knows nothing about files: it reports to a `Reporter` (scn.run_folder's
-RunFolder writes rows and checkpoints into a run folder). Everything the loop carries from one
-step to the next lives on the trainer, and `state_dict()` / `load_state_dict()` hold all of it,
-so that scn.resume can serialise it and a resumed run takes exactly the steps the
-uninterrupted run would have taken.
+checkpoint, pause. It reports to a `Reporter` (scn.run_folder writes a run folder) and knows no
+files. All the loop carries between steps lives on the trainer, in `state_dict()`, so scn.resume
+can serialise it and a resumed run takes exactly the uninterrupted run's steps.
 """
 
 from __future__ import annotations
@@ -21,13 +19,11 @@ from tqdm import tqdm
 
 from scn import optim, size, surgery
 from scn.data import ImageData, batches
-from scn.errors import ConfigError, NumericalError
+from scn.errors import ConfigError
 from scn.evaluation import bf16_autocast, evaluate, recalibrate_norms
+from scn.numerics import check_finite
 from scn.quant import sc_layers
-from scn.train_config import SURGERY_MODES, TrainConfig, pick_device
-
-__all__ = ["SURGERY_MODES", "Reporter", "TrainConfig", "TrainResult", "Trainer", "learns_bits",
-           "pick_device", "train"]
+from scn.train_config import SURGERY_MODES, TrainConfig, pick_device  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -56,34 +52,8 @@ class Reporter:
         """The trainer every `checkpoint_every` steps, at a pause and at the end, checked finite."""
 
 
-def _check_finite(step: int, loss: torch.Tensor, model: nn.Module, gamma: float) -> None:
-    """Stop with a NumericalError naming the step when the loss or a parameter is NaN or Inf.
-
-    Parameters include every layer's bit depths b and exponents e, so a diverging b/e learning
-    rate is caught as early as one of the weights.
-    """
-    if torch.isfinite(loss):
-        bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
-        if not bad:
-            return
-        where = f"parameters {', '.join(bad[:4])}" + (" and more" if len(bad) > 4 else "")
-        if all(n.endswith((".b", ".e")) for n in bad):
-            where += " (bit depths b / exponents e: most likely trainer.lr_quant is too high)"
-    else:
-        where = "the loss"
-    raise NumericalError(
-        f"training diverged at step {step}: {where} became NaN or Inf (gamma={gamma:g}). "
-        "The usual causes are a learning rate too high for the weights (trainer.lr) or for the "
-        "bit depths and exponents (trainer.lr_quant), or a size-loss weight so large that "
-        "every channel collapses (size_loss.gamma). Lower the one you last raised and rerun."
-    )
-
-
 class Window:
-    """The loss sums since the last evaluation, which a metrics row averages.
-
-    Device tensors, so adding to them never waits for the device.
-    """
+    """The loss sums since the last evaluation (device tensors: adding never waits for them)."""
 
     def __init__(self, device: torch.device) -> None:
         self.loss = torch.zeros((), device=device)
@@ -184,7 +154,7 @@ class Trainer:
                              "size_loss": self.q_now, "gamma": gamma,
                              "lr": self.optimizer.param_groups[0]["lr"]})
         if not self.cuda:  # on CUDA the check waits for the log step: it syncs the device
-            _check_finite(self.step, loss, self.model, gamma)
+            check_finite(self.step, loss, self.model, gamma)
         return loss
 
     def _surgery_if_due(self) -> None:
@@ -197,7 +167,7 @@ class Trainer:
 
     def _progress_if_due(self, bar, loss: torch.Tensor, gamma: float) -> None:
         if self.step % self.cfg.log_every == 0:
-            _check_finite(self.step, loss, self.model, gamma)  # a sync point anyway
+            check_finite(self.step, loss, self.model, gamma)  # a sync point anyway
             history = self.result.history
             acc = history[-1]["test_accuracy"] if history else float("nan")
             bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{acc:.2f}",
@@ -208,7 +178,7 @@ class Trainer:
                          reporter: Reporter) -> None:
         if self.step % (self.cfg.eval_every or self.steps_per_epoch) == 0 or last:
             t0 = time.perf_counter()
-            _check_finite(self.step, loss, self.model, gamma)
+            check_finite(self.step, loss, self.model, gamma)
             self._evaluate(gamma, last, reporter)
             self.other_s += time.perf_counter() - t0
 
@@ -218,7 +188,7 @@ class Trainer:
         due = last or self.result.paused or (every and self.step % every == 0)
         if reporter.wants_checkpoints and due:
             t0 = time.perf_counter()
-            _check_finite(self.step, loss, self.model, gamma)  # never replace a good checkpoint
+            check_finite(self.step, loss, self.model, gamma)  # never replace a good checkpoint
             self.elapsed_s = t0 - start
             reporter.checkpoint(self)
             self.other_s += time.perf_counter() - t0

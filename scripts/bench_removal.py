@@ -61,34 +61,19 @@ ROOT = Path(__file__).resolve().parents[1]
 # half of training (trainer.freeze_quant), and the weights settle on one bit allocation. Half,
 # not a quarter: over 8 seeds on a GPU the quarter left gaps up to 2.38 points, the half 0.74,
 # with a round-off-only control at 0.55 (docs/results/removal_recipes_freeze.json, _control.json).
-# One surgery, at the freeze (step 1872 of 8 epochs x 468 steps; pass trainer.prune_every with
-# other lengths): frozen b and e kill no more channels, so that one surgery removes every channel
-# the run will lose, and until it the masked and removal runs are bit-identical. Surgeries every
-# 200 steps removed the first channels at step 1400 and let round-off drive the two runs apart
-# through the last 500 steps of bit-depth learning: per-seed gaps of +0.41 and -0.31 points.
+# One surgery, at the freeze (trainer.prune_every=freeze: step 1872 of 8 epochs x 468 steps):
+# frozen b and e kill no more channels, so that one surgery removes every channel the run will
+# lose, and until it the masked and removal runs are bit-identical. Surgeries every 200 steps
+# removed the first channels at step 1400 and let round-off drive the two runs apart through the
+# last 500 steps of bit-depth learning: per-seed gaps of +0.41 and -0.31 points.
 COMMON = ["+experiment=fashion_mnist_cnn", "model.width=24", "size_loss.gamma=1.0",
           "trainer.lr_quant=0.002"]
-SURGERY_STEP = 1872  # freeze_step(8 epochs x 468 steps, 0.5)
-SELF_COMPRESS = ["trainer.freeze_quant=0.5", f"trainer.prune_every={SURGERY_STEP}"]
+SELF_COMPRESS = ["trainer.freeze_quant=0.5", "trainer.prune_every=freeze"]
 METHODS = {
     "none": ["quant=none"],
     "masked": [*SELF_COMPRESS, "trainer.surgery=masked"],
     "removal": [*SELF_COMPRESS, "trainer.surgery=physical"],
 }
-
-
-def check_surgery_step(overrides: list[str]) -> None:
-    """SELF_COMPRESS's prune_every is the freeze step of the default run; an override that moves
-    the freeze must move the surgery with it, or removal would happen only at the last step."""
-    moves = ("dataset=", "trainer.max_epochs", "trainer.max_steps", "trainer.batch_size",
-             "trainer.freeze_quant")
-    moved = [o for o in overrides if o.lstrip("+~").startswith(moves)]
-    if moved and not any(o.startswith("trainer.prune_every=") for o in overrides):
-        raise SystemExit(
-            f"bench_removal: {' '.join(moved)} moves the step where b and e freeze, but the "
-            f"self-compressing runs operate once, at step {SURGERY_STEP} (the freeze of 8 epochs "
-            "of 468 steps). Pass trainer.prune_every=<the freeze step> too: total steps minus "
-            "round(freeze_quant x total steps).")
 
 
 def train_in_turns(jobs: dict[str, tuple[list[str], Path]], slice_steps: int) -> dict[str, dict]:
@@ -182,7 +167,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slice-steps", type=int, default=468,
                         help="steps each run trains per turn (468: one Fashion-MNIST epoch)")
     args = parser.parse_intermixed_args(argv)  # overrides and options in any order
-    check_surgery_step(args.overrides)
 
     # Seed by seed (float once, with the first), the runs of one seed trained in turns.
     seeded: dict[str, list[dict]] = {m: [] for m in METHODS}

@@ -343,6 +343,23 @@ def test_unreadable_checkpoint_is_a_format_error(tmp_path):
         experiment.run(exp_of("trainer.max_steps=2"), tmp_path, resume=True)
 
 
+def test_a_flipped_header_byte_is_refused(tmp_path):
+    """One digit of the JSON header changed (the step): the whole-file checksum refuses it, and
+    resume never starts from it."""
+    with pytest.raises(Crash):
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(checkpoint, "save_checkpoint", lambda *a, **k: (_ for _ in ()).throw(Crash()))
+            experiment.run(exp_of("trainer.max_steps=8", "trainer.checkpoint_every=4"), tmp_path)
+    path = resume.path_in(tmp_path)
+    raw = path.read_bytes()
+    edited = raw.replace(b'\\"step\\":8', b'\\"step\\":9', 1)
+    assert edited != raw
+    path.write_bytes(edited)
+    with pytest.raises(FormatError, match="SHA-256 checksum"):
+        experiment.run(exp_of("trainer.max_steps=8", "trainer.checkpoint_every=4"), tmp_path, resume=True)
+    assert path.read_bytes() == edited  # refused before anything was written
+
+
 def test_a_finished_run_is_never_overwritten(tmp_path, reference):
     done = reference()
     before = {p.name: p.read_bytes() for p in done.iterdir() if p.is_file()}

@@ -11,9 +11,9 @@ both final accuracies, the gap, the final parameter counts and the step of the f
 Forty-odd 8-epoch runs: meant for a GPU machine, several runs at once (--workers; each run is
 its own process and Hydra-composed config). Writes docs/results/removal_recipes.json + .png.
 
-    python scripts/removal_recipe_spread.py --workers 10 trainer.device=cuda trainer.amp=false
-    python scripts/removal_recipe_spread.py --recipes g1.0_lq0.002 --seeds 0 1 2
-    python scripts/removal_recipe_spread.py --recipes g1.0_lq0.002_f0.25 g1.0_lq0.002_f0.5 \
+    python experiments/removal_recipe_spread.py --workers 10 trainer.device=cuda trainer.amp=false
+    python experiments/removal_recipe_spread.py --recipes g1.0_lq0.002 --seeds 0 1 2
+    python experiments/removal_recipe_spread.py --recipes g1.0_lq0.002_f0.25 g1.0_lq0.002_f0.5 \
         --seeds 0 1 2 3 4 5 6 7 --workers 12 --budget-s 330 --name removal_recipes_freeze \
         trainer.device=cuda trainer.amp=false
 
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
             results[-1].update(mean_control_gap=statistics.mean(control),
                                max_abs_control_gap=max(map(abs, control)))
             print(f"{'control':>14}: gaps {' '.join(f'{g:+.2f}' for g in control)}")
-    report.write_benchmark(args.out / f"{args.name}.json", "scripts/removal_recipe_spread.py",
+    report.write_benchmark(args.out / f"{args.name}.json", "experiments/removal_recipe_spread.py",
                            sys.argv[1:] if argv is None else argv, results, common_overrides=COMMON)
     plot(results, args.out / f"{args.name}.png")
 

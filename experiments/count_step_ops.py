@@ -5,8 +5,8 @@ this count rather than by FLOPs. Counted on the CPU (no GPU needed): the optimiz
 per tensor, so a GPU step (foreach optimizer) dispatches somewhat fewer; the difference between
 the two methods is the quantizer and the size term.
 
-    python scripts/count_step_ops.py                 # ResNet-9, as in the README
-    python scripts/count_step_ops.py --model SmallCNN --in-channels 1 --image-size 28
+    python experiments/count_step_ops.py                 # ResNet-9, as in docs/results.md
+    python experiments/count_step_ops.py --model SmallCNN --in-channels 1 --image-size 28
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from scn import size
 from scn.models import build
+from scn.optim import make_optimizer
 from scn.quant import Scheme, quantize_
-from scn.train import TrainConfig, make_optimizer
+from scn.train import TrainConfig
 
 
 class CountOps(TorchDispatchMode):

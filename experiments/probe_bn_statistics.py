@@ -6,7 +6,7 @@ at every evaluation also measures the same weights (a) after re-estimating the s
 training batches of 256 and (b) with batch statistics (train-mode BatchNorm, 500 test images per
 batch). Prints one JSON line per evaluation; stops after --steps.
 
-    python scripts/probe_bn_statistics.py --steps 1521 > docs/results/bn_statistics_probe.jsonl
+    python experiments/probe_bn_statistics.py --steps 1521 > docs/results/bn_statistics_probe.jsonl
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ import json
 import torch
 
 from scn.cli import build_experiment
+from scn.data import batches
+from scn.evaluation import evaluate, recalibrate_norms
 from scn.quant import frozen
 from scn.sweep import compose_config
-from scn.train import Trainer, batches, evaluate, learns_bits, recalibrate_norms
+from scn.train import Reporter, Trainer, learns_bits
 
 RECIPE = ["+experiment=fashion_mnist_cnn", "model.width=24", "size_loss.gamma=0.5",
           "trainer.lr_quant=0.01", "trainer.recalibrate_bn=0", "trainer.progress=false"]
@@ -55,17 +57,18 @@ def main() -> None:
                        for x, y in batches(exp.data, "test", 500, channels_last=layout))
         return 100 * hits / len(exp.data.test_y)
 
-    def on_eval(row: dict) -> None:
-        print(json.dumps({"step": row["step"], "running_averages": round(row["test_accuracy"], 2),
-                          "recalibrated": round(recalibrated(), 2),
-                          "batch_statistics": round(batch_statistics(), 2),
-                          "bits_per_weight": round(row["bits_per_weight"], 3),
-                          "param_count": row["param_count"]}), flush=True)
-        if row["step"] >= args.steps:
-            raise _Enough
+    class Probe(Reporter):
+        def evaluated(self, row: dict) -> None:
+            print(json.dumps({"step": row["step"], "running_averages": round(row["test_accuracy"], 2),
+                              "recalibrated": round(recalibrated(), 2),
+                              "batch_statistics": round(batch_statistics(), 2),
+                              "bits_per_weight": round(row["bits_per_weight"], 3),
+                              "param_count": row["param_count"]}), flush=True)
+            if row["step"] >= args.steps:
+                raise _Enough
 
     try:
-        trainer.run(on_eval=on_eval)
+        trainer.run(Probe())
     except _Enough:
         pass
 
