@@ -103,7 +103,7 @@ def header_of(raw: bytes, name: str, fmt: str, version: int) -> tuple[dict, int,
                           "Copy or download it again.") from None
     found = header.get("format")
     if found != fmt:
-        if found in KINDS:
+        if isinstance(found, str) and found in KINDS:
             raise FormatError(f"{name} is {KINDS[found][0]}, not {KINDS[fmt][0]}." + _hint(found, fmt))
         raise foreign(name, fmt, f"its header names the format {found!r}")
     if header.get("version") != version:

@@ -270,7 +270,7 @@ def test_cifar10_torchvision_copy_detected(tmp_path, fake_torchvision, cache):
 
 def test_cifar10_unset_root_explains_both_options(tmp_path, fake_torchvision, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(DataError, match=r"could not download it \(RuntimeError: .*cifar10-jpeg.*network"):
+    with pytest.raises(DataError, match=r"could not download it \(RuntimeError: .*dataset.root=DIR.*network"):
         cifar10()
     assert fake_torchvision.calls == [("data", True, False), ("data", True, True)]  # local, then fetch
     fake_torchvision.online = True
