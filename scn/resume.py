@@ -140,9 +140,6 @@ def build_model(state: State) -> nn.Module:
 
 def restore(trainer: Trainer, state: State) -> None:
     """Hand `state` to `trainer` (built around `build_model(state)`, with the same config)."""
-    if state.meta["total_steps"] != trainer.total_steps:
-        raise FormatError(f"the training checkpoint is of a run of {state.meta['total_steps']} steps, "
-                          f"this one has {trainer.total_steps}; it cannot continue it.")
     strides = state.meta.get("strides", {})
     tensors = {k: _laid_out(v, strides.get(k)) for k, v in state.tensors.items()}
     try:
