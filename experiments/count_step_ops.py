@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from scn import size
+from scn.methods import Scheme, quantize_
 from scn.models import build
 from scn.optim import make_optimizer
-from scn.quant import Scheme, quantize_
 from scn.train import TrainConfig
 
 

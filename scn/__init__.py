@@ -2,7 +2,7 @@
 
 The few names most users need:
 
-    model = scn.quantize_(scn.models.build("SmallCNN"), scn.Scheme())  # convert in place
+    model = scn.quantize_(scn.models.build("SmallCNN"), scn.SelfCompress())  # convert in place
     loss = task_loss + gamma * scn.size_loss(model)                     # train
     scn.size_report(model).bits_per_weight                              # measure
     scn.save(model, "model.scn"); model, header = scn.load("model.scn") # packed file
@@ -11,8 +11,9 @@ The few names most users need:
 """
 
 from scn.format import load, save
-from scn.quant import Scheme, quantize_
+from scn.methods import FixedBits, Float, Scheme, SelfCompress, quantize_
 from scn.size import report as size_report
 from scn.size import size_loss
 
-__all__ = ["Scheme", "load", "quantize_", "save", "size_loss", "size_report"]
+__all__ = ["FixedBits", "Float", "Scheme", "SelfCompress", "load", "quantize_", "save",
+           "size_loss", "size_report"]

@@ -25,6 +25,7 @@ from pathlib import Path
 from scn import report
 from scn.errors import ScnError
 from scn.experiment import read_summary
+from scn.methods import kind_of_target
 
 RUN_MARKERS = ("summary.json", "metrics.csv", ".hydra/config.yaml")
 COLUMNS = ("run_dir", "status", "quant", "label", "gamma", "lr_quant", "dataset", "model", "seed",
@@ -142,7 +143,7 @@ def run_row(run_dir: str | Path, sweep_dir: str | Path | None = None, warn: Warn
     row = {
         "run_dir": rel or ".",
         "status": (summary or {}).get("status") or ("unreadable" if has_summary else "missing"),
-        "quant": _get(config, "quant", "kind"),
+        "quant": _get(config, "quant", "kind") or kind_of_target(_get(config, "quant", "_target_")),
         "label": _label(summary or {}, config),
         "gamma": _get(config, "size_loss", "gamma"),
         "lr_quant": _get(config, "trainer", "lr_quant"),

@@ -21,8 +21,9 @@ from torch import nn
 
 from scn import container, io
 from scn.errors import FormatError, ScnError
+from scn.methods import from_header, quantize_
 from scn.models import MODELS, build
-from scn.quant import SCConv2d, Scheme, SCLinear, quantize_
+from scn.quant import SCConv2d, SCLinear
 from scn.reference import Reference
 
 CHECKPOINT_FORMAT = "scn-checkpoint"
@@ -37,7 +38,7 @@ def describe(model: nn.Module, dataset: dict | None = None) -> dict:
                              "it with scn.quantize_ before saving")
     return {
         "model": model.scn_spec,
-        "scheme": asdict(model.scn_scheme),
+        "scheme": model.scn_scheme.header(),
         "reference": asdict(model.scn_reference),
         "dataset": dataset or {},
     }
@@ -53,7 +54,7 @@ def rebuild(header: dict, shapes: dict[str, tuple[int, ...]],
     scn allocate gigabytes or loop for hours.
     """
     try:
-        spec, scheme = header["model"], Scheme(**header["scheme"])
+        spec, scheme = header["model"], from_header(header["scheme"])
         if max_scalars is not None:
             _probe(spec, max_scalars, max_modules=16 * len(shapes) + 64)
         model = quantize_(build(spec["name"], **spec["kwargs"]), scheme)

@@ -17,11 +17,14 @@ vendored), on the same model, data, optimizer and schedule as every other scheme
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from scn.errors import ConfigError
+from scn.methods import Method, SizeTerm, register
 from scn.size import SizeReport, reference_of
 
 
@@ -41,11 +44,34 @@ def _weight_names(model: nn.Module) -> set[str]:
     return {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
 
 
-class DiffQ:
-    """Attach DiffQ to a float-converted model and its optimizer (in that order, as DiffQ asks)."""
+@register
+@dataclass
+class DiffQ(Method):
+    """The DiffQ baseline: layers stay float for DiffQ to quantize (`init_bits` and
+    `group_size` are DiffQ's: its initial bits, and the weights sharing one learned bit depth)."""
+
+    kind: ClassVar[str] = "diffq"
+    packs: ClassVar[bool] = False  # per-group bit depths do not fit .scn; no training checkpoints
+    channels_last: ClassVar[bool] = False  # DiffQ views parameters as flat groups
+    init_bits: float = 8.0
+    group_size: int = 8
+
+    def __post_init__(self) -> None:
+        if not (2 < self.init_bits < 15 and self.group_size >= 1):
+            raise ConfigError(
+                f"quant.init_bits={self.init_bits}, quant.group_size={self.group_size}: DiffQ "
+                "needs an initial bit depth strictly between 2 and 15 and a group size >= 1.")
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> SizeTerm:
+        return DiffQSize(model, optimizer, self.group_size, self.init_bits)
+
+
+class DiffQSize(SizeTerm):
+    """DiffQ attached to a float-converted model and its optimizer (in that order, as DiffQ asks)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, group_size: int = 8,
                  init_bits: float = 8.0, lr: float = 1e-3) -> None:
+        super().__init__(model, learns_bits=False)
         diffq = _diffq()
         weights = _weight_names(model)
         others = [f"{mod}.{name}" if mod else name for mod, m in model.named_modules()
@@ -55,14 +81,16 @@ class DiffQ:
             if name in weights and p.numel() % group_size:
                 raise ConfigError(f"quant.group_size={group_size} must divide every weight tensor; "
                                   f"{name} has {p.numel()} elements (try 4, 2 or 1).")
-        self.model = model
         self.quantizer = diffq.DiffQuantizer(model, min_size=0.0, group_size=group_size,
                                              init_bits=init_bits, exclude=others)
         self.quantizer.setup_optimizer(optimizer, lr=lr)
 
-    def size_term(self) -> torch.Tensor:
+    def term(self) -> torch.Tensor:
         """DiffQ's differentiable size estimate, in megabytes."""
         return self.quantizer.model_size()
+
+    def row(self) -> dict:
+        return {"diffq_true_bytes": self.true_bytes()}  # DiffQ's own measure of its size
 
     def true_bytes(self) -> float:
         return self.quantizer.true_model_size() * 2**20
@@ -98,7 +126,10 @@ class DiffQ:
                       for n, m in self.model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))},
         )
 
-    def finish(self) -> None:
-        """Leave the model holding its quantized weights, with DiffQ's hooks and logits gone."""
+    def finish(self) -> dict:
+        """Leave the model holding its quantized weights, with DiffQ's hooks and logits gone;
+        DiffQ's own size goes into the summary."""
+        true_bytes = self.true_bytes()
         self.quantizer.quantize()
         self.quantizer.detach()
+        return {"diffq_true_bytes": true_bytes}

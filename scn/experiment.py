@@ -28,7 +28,7 @@ from scn import format as scn_format
 from scn import resume as train_state
 from scn.data import ImageData
 from scn.errors import ConfigError, FormatError, ScnError
-from scn.quant import Scheme, quantize_
+from scn.methods import Method, quantize_
 from scn.report import machine
 from scn.run_folder import RunFolder
 from scn.train import TrainConfig, Trainer, TrainResult, learns_bits
@@ -43,7 +43,7 @@ class Experiment:
 
     data: ImageData
     model: Callable[..., torch.nn.Module]  # scn.models.build with its name and arguments bound
-    scheme: Scheme
+    scheme: Method  # a scn.methods config class (SelfCompress, FixedBits, Float, a plugin)
     schedule: Callable[[int, int], float]
     trainer: TrainConfig
     seed: int = 0
@@ -142,9 +142,9 @@ def run(exp: Experiment, run_dir: str | Path, resume: bool = False,
             return previous
         raise ScnError(f"{run_dir} already holds a finished run of another config; scn never "
                        "overwrites a finished run. Choose another folder (hydra.run.dir=...).")
-    if exp.trainer.pause_after_steps and exp.scheme.kind == "diffq":
-        raise ConfigError("trainer.pause_after_steps needs training checkpoints, which DiffQ "
-                          "baseline runs do not write; set trainer.pause_after_steps=0.")
+    if exp.trainer.pause_after_steps and not exp.scheme.packs:
+        raise ConfigError(f"trainer.pause_after_steps needs training checkpoints, which "
+                          f"quant={exp.scheme.kind} runs do not write; set trainer.pause_after_steps=0.")
     state = _starting_state(exp, run_dir, digest, resume, notify)
     try:
         return _run(exp, run_dir, digest, state)
@@ -190,9 +190,8 @@ def _starting_state(exp: Experiment, run_dir: Path, digest: str, resume: bool,
 def _run(exp: Experiment, run_dir: Path, digest: str, state: train_state.State | None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     model = train_state.build_model(state) if state else exp.build_model()
-    diffq = exp.scheme.kind == "diffq"  # DiffQ's groups do not fit the .scn format
     folder = RunFolder(run_dir, model, _title(exp), exp.dataset_info(), digest, exp.config, state,
-                       packs=not diffq)
+                       packs=exp.scheme.packs)
     started = time.time()
     base = {"status": "running", "config_hash": digest, "config": exp.config, "machine": machine()}
     io.write_json(run_dir / "summary.json", base)
@@ -206,13 +205,10 @@ def _run(exp: Experiment, run_dir: Path, digest: str, state: train_state.State |
                       "total_steps": trainer.total_steps, "wall_time_s": result.wall_time_s}
             io.write_json(run_dir / "summary.json", paused)
             return paused
-        rep = trainer.diffq.report() if diffq else size.report(model)
-        extra = {"file_bytes": None}
-        if diffq:  # keep DiffQ's own size, then leave plain quantized weights in the model
-            extra = {"file_bytes": None, "diffq_true_bytes": trainer.diffq.true_bytes()}
-            trainer.diffq.finish()
+        rep = trainer.size.report()
+        extra = {"file_bytes": None, **trainer.size.finish()}  # the model as its files store it
         checkpoint.save_checkpoint(model, run_dir / "model.safetensors", exp.dataset_info())
-        if not diffq:
+        if exp.scheme.packs:
             extra["file_bytes"] = scn_format.save(model, run_dir / "model.scn", exp.dataset_info())
     except BaseException as exc:  # a failure must still leave an honest summary behind
         history = folder.history

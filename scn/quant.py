@@ -1,6 +1,7 @@
 """The quantizer: q(x, b, e) with a straight-through estimator, and the layers that use it.
 
-`quantize_(model, scheme)` converts every `nn.Conv2d` / `nn.Linear` of a model in place into
+`quantize_(model, method)` (a scn.methods config class) converts every `nn.Conv2d` /
+`nn.Linear` of a model in place into
 `SCConv2d` / `SCLinear` (torchao-style: one call, the model keeps its structure). We convert
 modules rather than attach parametrizations because channel surgery must slice a layer's
 weight, bias, bit depths and exponents together; having them as plain attributes of one
@@ -27,8 +28,6 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -80,45 +79,6 @@ def initial_exponent(w: torch.Tensor, bits: float) -> torch.Tensor:
     top = w.detach().abs().flatten(1).amax(dim=1).clamp(min=1e-12)
     levels = max(2 ** (bits - 1) - 1, 0.5)
     return torch.ceil(torch.log2(top / levels))
-
-
-@dataclass
-class Scheme:
-    """How a model's layers are quantized.
-
-    kind: "self_compress" learns b and e; "fixed" keeps b at `init_bits` and learns e (the
-    QAT baseline); "none" keeps float weights; "diffq" keeps the layers float for the DiffQ
-    baseline to quantize (scn.diffq_baseline; `init_bits` and `group_size` are DiffQ's).
-    quantize_first / quantize_last: whether the model's first and last weight layers are
-    quantized too. Layers left in float still count in the reported size at 32 bits.
-    """
-
-    kind: Literal["self_compress", "fixed", "none", "diffq"] = "self_compress"
-    init_bits: float = 8.0
-    round_bits: bool = True
-    quantize_first: bool = True
-    quantize_last: bool = True
-    group_size: int = 8  # diffq only: weights sharing one learned bit depth
-
-    def __post_init__(self) -> None:
-        from scn.errors import ConfigError
-
-        if self.kind not in ("self_compress", "fixed", "none", "diffq"):
-            raise ConfigError(
-                f"quant.kind={self.kind!r} is not a quantization scheme; valid choices are "
-                "self_compress, fixed, none and diffq (pick one with quant=NAME)."
-            )
-        if self.kind == "diffq" and not (2 < self.init_bits < 15 and self.group_size >= 1):
-            raise ConfigError(
-                f"quant.init_bits={self.init_bits}, quant.group_size={self.group_size}: DiffQ "
-                "needs an initial bit depth strictly between 2 and 15 and a group size >= 1."
-            )
-        if self.kind != "none" and not (0 < self.init_bits <= MAX_BITS):
-            raise ConfigError(
-                f"quant.init_bits={self.init_bits} is out of range: a {self.kind} layer needs "
-                f"an initial bit depth in (0, {MAX_BITS}]. A channel at 0 bits is dead "
-                "from the start; set e.g. quant.init_bits=8."
-            )
 
 
 class SCLayer:
@@ -301,27 +261,26 @@ def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
-def quantize_(model: nn.Module, scheme: Scheme) -> nn.Module:
+def quantize_(model: nn.Module, method) -> nn.Module:
     """Convert every Conv2d/Linear of `model` in place into an SC layer and return `model`.
 
-    Layers excluded by the scheme (first/last when not quantized, or all for "none") are still
+    `method` is one of scn.methods' config classes (SelfCompress, FixedBits, Float, a plugin):
+    it gives each quantized layer's initial bit depth, whether b learns and how it rounds.
+    Layers it keeps float (first/last when not quantized, or all for Float) are still
     converted, as float SC layers, so that surgery and size accounting treat every layer alike.
     """
     layers = weight_layers(model)
     if not layers:
         raise ValueError("the model has no nn.Conv2d or nn.Linear layer to quantize")
     model.scn_reference = Reference.of(model)  # the denominator of every size ratio
-    model.scn_scheme = scheme
+    model.scn_scheme = method
     for i, (name, layer) in enumerate(layers):
         if isinstance(layer, SCLayer):
             raise ValueError(f"layer {name!r} is already converted; call quantize_ once")
-        float_layer = (
-            scheme.kind in ("none", "diffq")
-            or (i == 0 and not scheme.quantize_first)
-            or (i == len(layers) - 1 and not scheme.quantize_last)
-        )
-        bits = None if float_layer else scheme.init_bits
-        new = _converted(layer, bits, scheme.kind == "self_compress", scheme.round_bits)
+        float_layer = ((i == 0 and not method.quantize_first)
+                       or (i == len(layers) - 1 and not method.quantize_last))
+        bits = None if float_layer else method.layer_bits()
+        new = _converted(layer, bits, method.learns_bits, method.round_bits)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
     return model

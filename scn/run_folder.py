@@ -33,8 +33,8 @@ class RunFolder(Reporter):
         self.dataset = dataset
         self.config_hash = config_hash
         self.config = config
-        self.packs = packs  # whether the model fits the .scn format (DiffQ's groups do not)
-        self.wants_checkpoints = packs  # DiffQ baseline runs write no training checkpoints
+        self.packs = packs  # whether the method writes model.scn (scn.methods.Method.packs)
+        self.wants_checkpoints = packs  # and training checkpoints
         rows = state.meta["rows"] if state else {"metrics": [], "train_log": []}
         self.history: list[dict] = rows["metrics"]
         self.steps: list[dict] = rows["train_log"]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from scn import optim, size, surgery
+from scn import optim, surgery
 from scn.data import ImageData, batches
 from scn.errors import ConfigError
 from scn.evaluation import bf16_autocast, evaluate, recalibrate_norms
@@ -79,10 +79,8 @@ class Trainer:
         self.cfg = cfg
         self.device = pick_device(cfg.device)
         self.cuda = self.device.type == "cuda"
-        scheme = getattr(model, "scn_scheme", None)
-        uses_diffq = scheme is not None and scheme.kind == "diffq"
-        # DiffQ views its parameters as flat groups, which a channels-last weight cannot do.
-        self.channels_last = cfg.channels_last and not uses_diffq
+        method = model.scn_scheme  # the scn.methods config class quantize_ converted it with
+        self.channels_last = cfg.channels_last and method.channels_last
         self.data = data.to(self.device)
         self.model = model.to(self.device)
         if self.channels_last:
@@ -94,11 +92,8 @@ class Trainer:
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.optimizer = optim.make_optimizer(self.model, cfg)
-        self.diffq = None  # the DiffQ baseline attaches to the optimizer, before the scheduler
-        if uses_diffq:
-            from scn.diffq_baseline import DiffQ
-
-            self.diffq = DiffQ(self.model, self.optimizer, scheme.group_size, scheme.init_bits)
+        # The size term; a plugin (DiffQ) may add its own parameter group, before the scheduler.
+        self.size = method.attach(self.model, self.optimizer)
         self.scheduler = optim.scheduler(self.optimizer, self.model, self.total_steps, cfg)
         self.graph = None
         if cfg.surgery != "off" and cfg.prune_every and learn_bits:
@@ -208,7 +203,7 @@ class Trainer:
         """Recompute what depends on the model's shapes (after surgery)."""
         if self.channels_last:  # sliced tensors come back in NCHW: restore the fast layout
             self.model.to(memory_format=torch.channels_last)
-        self.fixed_bits = size.fixed_bits(self.model).to(self.device)
+        self.size.refresh(self.device)
         self.forward = self.model
         if self.cfg.compile:
             self.forward = torch.compile(self.model)
@@ -248,13 +243,8 @@ class Trainer:
         """
         with bf16_autocast(self.device, self.cfg.amp):
             task = F.cross_entropy(self.forward(xb), yb)
-        loss, q = task, None
-        if self.learn_bits:
-            q = size.size_loss(self.model, self.fixed_bits)
-            loss = task + gamma * q
-        elif self.diffq is not None:
-            q = self.diffq.size_term()  # megabytes, DiffQ's own penalty
-            loss = task + gamma * q
+        q = self.size.term()
+        loss = task if q is None else task + gamma * q
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -265,7 +255,7 @@ class Trainer:
     def metrics_row(self, epoch: float, train_loss: float, task_loss: float, q: float,
                     gamma: float) -> dict:
         acc, _ = evaluate(self.model, self.data, channels_last=self.channels_last, amp=self.cfg.amp)
-        rep = self.diffq.report() if self.diffq is not None else size.report(self.model)
+        rep = self.size.report()
         row = {
             "step": self.step, "epoch": round(epoch, 4), "train_loss": train_loss,
             "task_loss": task_loss, "size_loss": q, "test_accuracy": acc,
@@ -275,8 +265,7 @@ class Trainer:
             "float32_bytes": rep.float32_bytes, "lr": self.optimizer.param_groups[0]["lr"],
         }
         row.update({f"channels/{k}": v[0] for k, v in rep.channels.items()})
-        if self.diffq is not None:
-            row["diffq_true_bytes"] = self.diffq.true_bytes()  # DiffQ's own measure of its size
+        row.update(self.size.row())
         return row
 
     def _evaluate(self, gamma: float, last: bool, reporter: Reporter) -> dict:

@@ -40,8 +40,9 @@ import torch
 from scn import container
 from scn import format as fmt
 from scn.errors import FormatError
+from scn.methods import Scheme, quantize_
 from scn.models import build
-from scn.quant import Scheme, quantize_, sc_layers
+from scn.quant import sc_layers
 from scn.report import write_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,9 +6,9 @@ import pytest
 from conftest import ROOT
 
 from scn.data import synthetic
+from scn.methods import Scheme, quantize_
 from scn.models import build
 from scn.optim import freeze_step
-from scn.quant import Scheme, quantize_
 from scn.schedule import Constant
 from scn.sweep import compose_config
 from scn.train import TrainConfig, Trainer

@@ -15,8 +15,8 @@ def test_experiments_compose_to_resnet9():
     assert full.model.name == cpu.model.name == "ResNet9"
     assert full.dataset._target_ == cpu.dataset._target_ == "scn.data.cifar10"
     assert cpu.model.width < full.model.width and cpu.trainer.max_epochs < full.trainer.max_epochs
-    for variant in ("quant=none", "quant=fixed"):
-        assert cfg("+experiment=cifar10_resnet_cpu", variant).quant.kind == variant.split("=")[1]
+    for variant, target in (("quant=none", "Float"), ("quant=fixed", "FixedBits")):
+        assert cfg("+experiment=cifar10_resnet_cpu", variant).quant._target_ == f"scn.methods.{target}"
 
 
 def test_cpu_recipe_two_steps_on_a_tiny_tree(tmp_path):

@@ -21,8 +21,9 @@ from scn import format as fmt
 from scn.data import synthetic
 from scn.errors import FormatError
 from scn.evaluation import evaluate as evaluate_model
+from scn.methods import Scheme, quantize_
 from scn.models import SmallCNN, build
-from scn.quant import Scheme, SCLayer, quantize_, sc_layers
+from scn.quant import SCLayer, sc_layers
 from scn.schedule import Constant
 from scn.train import TrainConfig, train
 

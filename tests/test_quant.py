@@ -7,14 +7,13 @@ import torch
 from torch import nn
 
 from scn.errors import ConfigError
+from scn.methods import Scheme, quantize_
 from scn.quant import (
     SCConv2d,
-    Scheme,
     SCLinear,
     initial_exponent,
     quant_parameters,
     quantize,
-    quantize_,
     round_ste,
     weight_parameters,
 )

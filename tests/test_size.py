@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from scn import size
-from scn.quant import Scheme, quantize_
+from scn.methods import Scheme, quantize_
 
 
 def toy():

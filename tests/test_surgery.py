@@ -8,9 +8,10 @@ from torch import nn
 
 from scn import size, surgery
 from scn.errors import SurgeryError
+from scn.methods import Scheme, quantize_
 from scn.models import ResNet, SmallCNN
 from scn.optim import make_optimizer
-from scn.quant import SCConv2d, Scheme, quantize_, sc_layers
+from scn.quant import SCConv2d, sc_layers
 from scn.train import TrainConfig
 
 

@@ -58,7 +58,8 @@ def test_report_copies_each_runs_own_figures(reported):
     for row in rows:
         summary = json.loads((reported / row["run_dir"] / "summary.json").read_text())
         assert row["status"] == summary["status"] == "finished"
-        assert row["quant"] == summary["config"]["quant"]["kind"]
+        assert summary["config"]["quant"]["_target_"] == "scn.methods.SelfCompress"
+        assert row["quant"] == "self_compress"
         assert float(row["gamma"]) == pytest.approx(summary["config"]["size_loss"]["gamma"])
         for key in ("test_accuracy", "bits_per_weight", "float_bits_pct", "weights_left_pct",
                     "param_count", "wall_time_s"):

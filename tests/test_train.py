@@ -7,8 +7,8 @@ from scn import size
 from scn.data import synthetic
 from scn.errors import ConfigError, NumericalError
 from scn.evaluation import recalibrate_norms
+from scn.methods import Scheme, quantize_
 from scn.models import SmallCNN, build
-from scn.quant import Scheme, quantize_
 from scn.schedule import Constant, Cosine, LinearWarmup
 from scn.train import Reporter, TrainConfig, train
 

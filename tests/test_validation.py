@@ -32,8 +32,7 @@ NO_DATA = ["dataset=fashion_mnist", "dataset.root=/no/such/folder", "dataset.dow
     ("+trainer.colour=red", "trainer.colour='red' is not a setting: trainer has no key 'colour'. "
                             "Its valid keys are amp, batch_size, channel_multiple, channels_last,"),
     ("quant.round_bits=maybe", "quant.round_bits='maybe' is invalid: it must be true or false."),
-    ("quant.kind=magic",
-     "quant.kind='magic' is invalid: it must be one of self_compress, fixed, none, diffq."),
+    ("+quant.kind=magic", "quant.kind='magic' is not a setting: quant has no key 'kind'"),
     ("quant.init_bits=abc", "quant.init_bits='abc' is invalid: it must be a number."),
     ("quant.init_bits=17", "quant.init_bits=17 is out of range"),
     ("+quant.colour=red", "quant.colour='red' is not a setting"),
@@ -95,8 +94,8 @@ def test_library_users_get_the_same_checks():
 
 def test_prune_every_zero_means_no_surgery():
     from scn.data import synthetic
+    from scn.methods import Scheme, quantize_
     from scn.models import build
-    from scn.quant import Scheme, quantize_
     from scn.schedule import Constant
 
     model = quantize_(build("SmallCNN", in_channels=1, num_classes=4, width=4), Scheme(init_bits=2))

@@ -1,0 +1,187 @@
+"""Quantization methods, one config class each (torchao-style): `quantize_(model, SelfCompress())`.
+
+A method knows how to convert a model's layers (`layer_bits`: a layer's initial bit depth, or
+None to keep it float), what its size term is, and how it reports its size (`attach` returns a
+`SizeTerm` bound to the model and its optimizer). scn's own methods:
+
+    SelfCompress   learns b and e per output channel; Q is the size term (the paper's method)
+    FixedBits      every channel at `init_bits`, exponents learned: the QAT baseline
+    Float          float32 weights: the accuracy reference
+
+Other methods (the DiffQ baseline) are plugins with the same interface, registered when their
+module is imported; `PLUGINS` names the modules a file header may ask for.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from scn import size
+from scn.errors import ConfigError
+from scn.quant import MAX_BITS, quantize_
+
+__all__ = ["FixedBits", "Float", "Method", "Scheme", "SelfCompress", "SizeTerm",
+           "from_header", "kind_of_target", "quantize_", "register"]
+
+REGISTRY: dict[str, type[Method]] = {}
+PLUGINS = {"diffq": "scn.diffq_baseline"}  # kind -> module that registers it (optional extras)
+# A file header's `scheme` keeps these keys for every method, so files stay as they were.
+_HEADER_DEFAULTS = {"kind": None, "init_bits": 8.0, "round_bits": True, "quantize_first": True,
+                    "quantize_last": True, "group_size": 8}
+
+
+class SizeTerm:
+    """scn's own accounting for a converted model: Q (differentiable in every trainable b, or
+    None when nothing trains the size) and the size report."""
+
+    def __init__(self, model: nn.Module, learns_bits: bool) -> None:
+        self.model = model
+        self.learns_bits = learns_bits
+        self.fixed = torch.zeros((), dtype=torch.float64)
+
+    def refresh(self, device: torch.device) -> None:
+        """After a surgery: the bits no trainable b can change, once per shape."""
+        self.fixed = size.fixed_bits(self.model).to(device)
+
+    def term(self) -> torch.Tensor | None:
+        return size.size_loss(self.model, self.fixed) if self.learns_bits else None
+
+    def report(self) -> size.SizeReport:
+        return size.report(self.model)
+
+    def row(self) -> dict:
+        """Extra columns for a metrics row."""
+        return {}
+
+    def finish(self) -> dict:
+        """At the end of training: leave the model as its files store it; extra summary entries."""
+        return {}
+
+
+@dataclass
+class Method:
+    """What every method shares: whether the first and last weight layers are quantized.
+
+    Layers left in float still count in the reported size at 32 bits.
+    """
+
+    kind: ClassVar[str] = ""
+    learns_bits: ClassVar[bool] = False  # whether b trains (and channels can die)
+    packs: ClassVar[bool] = True  # whether a run writes model.scn and training checkpoints
+    channels_last: ClassVar[bool] = True  # whether weights may use the channels-last layout
+    round_bits: ClassVar[bool] = True
+
+    quantize_first: bool = True
+    quantize_last: bool = True
+
+    def layer_bits(self) -> float | None:
+        """The initial bit depth of a quantized layer (None: every layer stays float)."""
+        return None
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> SizeTerm:
+        return SizeTerm(model, self.learns_bits)
+
+    def header(self) -> dict:
+        return {**_HEADER_DEFAULTS, **asdict(self), "kind": self.kind}
+
+
+def _check_bits(method: Method, init_bits: float) -> None:
+    if not 0 < init_bits <= MAX_BITS:
+        raise ConfigError(
+            f"quant.init_bits={init_bits} is out of range: a {method.kind} layer needs an initial "
+            f"bit depth in (0, {MAX_BITS}]. A channel at 0 bits is dead from the start; set e.g. "
+            "quant.init_bits=8.")
+
+
+def register(cls: type[Method]) -> type[Method]:
+    REGISTRY[cls.kind] = cls
+    return cls
+
+
+@register
+@dataclass
+class SelfCompress(Method):
+    """Learned bit depth b and exponent e per output channel (Cséfalvay & Imber, 2023).
+
+    round_bits: the forward pass uses round(b) bits, what the file stores; False uses the real
+    b, as in the paper (a channel then needs ceil(b) bits on disk).
+    """
+
+    kind: ClassVar[str] = "self_compress"
+    learns_bits: ClassVar[bool] = True
+    init_bits: float = 3.0  # e starts where no weight is clipped at this bit depth
+    round_bits: bool = True
+
+    def __post_init__(self) -> None:
+        _check_bits(self, self.init_bits)
+
+    def layer_bits(self) -> float | None:
+        return self.init_bits
+
+
+@register
+@dataclass
+class FixedBits(Method):
+    """Every channel at `init_bits` bits, exponents learned: quantization-aware training."""
+
+    kind: ClassVar[str] = "fixed"
+    init_bits: float = 4.0
+    round_bits: bool = True
+
+    def __post_init__(self) -> None:
+        _check_bits(self, self.init_bits)
+
+    def layer_bits(self) -> float | None:
+        return self.init_bits
+
+
+@register
+@dataclass
+class Float(Method):
+    """Float32 weights: the accuracy reference."""
+
+    kind: ClassVar[str] = "none"
+
+
+def _class_of(kind) -> type[Method]:
+    if isinstance(kind, str) and kind not in REGISTRY and kind in PLUGINS:
+        importlib.import_module(PLUGINS[kind])
+    if not isinstance(kind, str) or kind not in REGISTRY:
+        known = ", ".join([*REGISTRY, *(k for k in PLUGINS if k not in REGISTRY)])
+        raise ConfigError(f"quant.kind={kind!r} is not a quantization method; valid choices are "
+                          f"{known} (pick one with quant=NAME).")
+    return REGISTRY[kind]
+
+
+def Scheme(kind: str = "self_compress", init_bits: float = 8.0, round_bits: bool = True,  # noqa: N802
+           quantize_first: bool = True, quantize_last: bool = True, group_size: int = 8) -> Method:
+    """The method `kind` names, from the keys every method shares (a shorthand; the config
+    classes above are the real thing). Keys a method does not use are ignored."""
+    values = {"init_bits": init_bits, "round_bits": round_bits, "quantize_first": quantize_first,
+              "quantize_last": quantize_last, "group_size": group_size}
+    cls = _class_of(kind)
+    return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+
+
+def from_header(scheme: dict) -> Method:
+    """The method a file header's `scheme` describes (its keys checked, nothing else imported)."""
+    if not isinstance(scheme, dict):
+        raise TypeError("the scheme must be an object")
+    unknown = sorted(set(scheme) - set(_HEADER_DEFAULTS))
+    if unknown:
+        raise TypeError(f"unknown scheme keys {unknown}")
+    return Scheme(**scheme)
+
+
+def kind_of_target(target) -> str | None:
+    """The kind of the method class a config's `_target_` string names, without importing it."""
+    if not isinstance(target, str):
+        return None
+    name = target.rpartition(".")[2]
+    kinds = {cls.__name__: kind for kind, cls in REGISTRY.items()}
+    return kinds.get(name) or next((k for k in PLUGINS if name.lower() == k), None)
