@@ -2,25 +2,50 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import shutil
 import sys
 from pathlib import Path
 
 import hydra
 import torch
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from scn import aggregate, config, experiment, models
+from scn import aggregate, config, experiment, methods, models, schedule
 from scn.errors import ConfigError, DataError, NumericalError, ScnError
+from scn.train import TrainConfig
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 GROUPS = ("dataset", "model", "quant", "size_loss", "trainer")
 # Every top-level key configs/train.yaml composes; anything else is a typo (e.g. +colour=red).
 TOP_LEVEL = {"seed": int, "resume": bool}
+
+
+def register_defaults() -> None:
+    """Every config class's defaults as a Hydra config `/defaults/<group>/<option>`.
+
+    The option files in configs/ extend these (`defaults: [/defaults/<group>/<option>@_here_]`)
+    and add only their `_target_` and what differs, so a default lives in its dataclass alone.
+    """
+    for name in methods.PLUGINS.values():  # plugins register their classes when imported
+        importlib.import_module(name)
+    sources = {("trainer", "default"): TrainConfig, ("size_loss", "constant"): schedule.Constant,
+               ("size_loss", "linear_warmup"): schedule.LinearWarmup,
+               ("size_loss", "cosine"): schedule.Cosine,
+               **{("quant", kind): cls for kind, cls in methods.REGISTRY.items()}}
+    store = ConfigStore.instance()
+    for (group, option), cls in sources.items():
+        store.store(group=f"defaults/{group}", name=option,
+                    node={f.name: f.default for f in dataclasses.fields(cls)})
+
+
+register_defaults()
 
 
 def fail(message: str, code: int = 2) -> None:

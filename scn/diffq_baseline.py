@@ -53,8 +53,8 @@ class DiffQ(Method):
     kind: ClassVar[str] = "diffq"
     packs: ClassVar[bool] = False  # per-group bit depths do not fit .scn; no training checkpoints
     channels_last: ClassVar[bool] = False  # DiffQ views parameters as flat groups
-    init_bits: float = 8.0
-    group_size: int = 8
+    init_bits: float = 8  # DiffQ's initial bits (its bits stay in [2, 15])
+    group_size: int = 8  # weights sharing one learned bit depth
 
     def __post_init__(self) -> None:
         if not (2 < self.init_bits < 15 and self.group_size >= 1):

@@ -76,7 +76,7 @@ class Method:
     channels_last: ClassVar[bool] = True  # whether weights may use the channels-last layout
     round_bits: ClassVar[bool] = True
 
-    quantize_first: bool = True
+    quantize_first: bool = True  # the first and last layers too (their size counts either way)
     quantize_last: bool = True
 
     def layer_bits(self) -> float | None:
@@ -90,54 +90,49 @@ class Method:
         return {**_HEADER_DEFAULTS, **asdict(self), "kind": self.kind}
 
 
-def _check_bits(method: Method, init_bits: float) -> None:
-    if not 0 < init_bits <= MAX_BITS:
-        raise ConfigError(
-            f"quant.init_bits={init_bits} is out of range: a {method.kind} layer needs an initial "
-            f"bit depth in (0, {MAX_BITS}]. A channel at 0 bits is dead from the start; set e.g. "
-            "quant.init_bits=8.")
-
-
 def register(cls: type[Method]) -> type[Method]:
     REGISTRY[cls.kind] = cls
     return cls
 
 
+@dataclass
+class Quantized(Method):
+    """What the quantized methods share: every quantized layer starts at `init_bits` bits, its
+    exponents where no weight is clipped at that bit depth. round_bits: the forward pass uses
+    round(b) bits, what the file stores; False uses the real b, as in the paper (a channel then
+    needs ceil(b) bits on disk)."""
+
+    init_bits: float = 8
+    round_bits: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 < self.init_bits <= MAX_BITS:
+            raise ConfigError(
+                f"quant.init_bits={self.init_bits} is out of range: a {self.kind} layer needs an "
+                f"initial bit depth in (0, {MAX_BITS}]. A channel at 0 bits is dead from the start; "
+                "set e.g. quant.init_bits=8.")
+
+    def layer_bits(self) -> float | None:
+        return self.init_bits
+
+
 @register
 @dataclass
-class SelfCompress(Method):
-    """Learned bit depth b and exponent e per output channel (Cséfalvay & Imber, 2023).
-
-    round_bits: the forward pass uses round(b) bits, what the file stores; False uses the real
-    b, as in the paper (a channel then needs ceil(b) bits on disk).
-    """
+class SelfCompress(Quantized):
+    """Learned bit depth b and exponent e per output channel (Cséfalvay & Imber, 2023)."""
 
     kind: ClassVar[str] = "self_compress"
     learns_bits: ClassVar[bool] = True
-    init_bits: float = 3.0  # e starts where no weight is clipped at this bit depth
-    round_bits: bool = True
-
-    def __post_init__(self) -> None:
-        _check_bits(self, self.init_bits)
-
-    def layer_bits(self) -> float | None:
-        return self.init_bits
+    init_bits: float = 3
 
 
 @register
 @dataclass
-class FixedBits(Method):
+class FixedBits(Quantized):
     """Every channel at `init_bits` bits, exponents learned: quantization-aware training."""
 
     kind: ClassVar[str] = "fixed"
-    init_bits: float = 4.0
-    round_bits: bool = True
-
-    def __post_init__(self) -> None:
-        _check_bits(self, self.init_bits)
-
-    def layer_bits(self) -> float | None:
-        return self.init_bits
+    init_bits: float = 4
 
 
 @register

@@ -42,7 +42,7 @@ class Constant:
 class LinearWarmup:
     """0 rising linearly to gamma over the first `warmup` fraction of training, then gamma."""
 
-    gamma: float = 0.01
+    gamma: float = 0.1
     warmup: float = 0.2
 
     def __post_init__(self) -> None:

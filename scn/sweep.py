@@ -20,6 +20,9 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 def compose_config(overrides: list[str]) -> DictConfig:
     """The config `scn-train OVERRIDES` would run (without Hydra's own settings)."""
+    from scn.cli import register_defaults  # the config classes' defaults, which configs/ extends
+
+    register_defaults()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))
 

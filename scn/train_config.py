@@ -17,6 +17,7 @@ SURGERY_MODES = ("physical", "masked", "off")
 class TrainConfig:
     """How to train. Every field is a `trainer.` key on the command line."""
 
+    # -- length and optimisation
     max_epochs: int = 8
     max_steps: int = 0  # > 0 stops early (tests, smoke runs)
     batch_size: int = 128
@@ -24,28 +25,32 @@ class TrainConfig:
     lr_quant: float = 0.005  # b and e (Adam, no weight decay)
     weight_decay: float = 5e-4
     warmup: float = 0.03  # fraction of training spent warming the learning rate up
-    eval_every: int = 0  # steps between test evaluations; 0 = once per epoch
-    # Training batches that re-estimate BatchNorm statistics before each evaluation (and the
-    # export); 0 = evaluate with the running averages (docs/design.md says why not).
-    recalibrate_bn: int = 20
     # Fraction of training, at its end, with the bit depths and exponents frozen (their lr 0):
     # the weights then fine-tune on a fixed bit allocation; 0 = learn them to the last step.
     freeze_quant: float = 0.0
-    log_every: int = 25  # steps between progress-bar updates (a host-device sync on GPU)
+    # -- surgery
     surgery: str = "physical"  # physical: remove dead channels; masked: only mask them; off
     # Steps between surgeries; 0 = no surgery (as surgery=off); "freeze" = one surgery, at the
     # step where freeze_quant freezes b and e (no channel dies after it).
     prune_every: int | Literal["freeze"] = 200
     channel_multiple: int = 1  # physical surgery leaves channel counts at multiples of this
+    # -- evaluation
+    eval_every: int = 0  # steps between test evaluations; 0 = once per epoch
+    # Training batches that re-estimate BatchNorm statistics before each evaluation (and the
+    # export); 0 = evaluate with the running averages (docs/design.md says why not).
+    recalibrate_bn: int = 20
+    # -- runtime
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
+    amp: bool = True  # bf16 autocast on CUDA (CPU always runs float32)
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the model (re-compiled after each surgery)
+    # -- bookkeeping (none of these changes the result, nor the config hash)
     checkpoint_every: int = 500  # steps between training checkpoints (resume); 0 = at the end only
     # > 0: this invocation trains at most this many steps, then writes a training checkpoint
     # and stops with status "paused"; resume=true goes on from it. For jobs with a time limit,
     # and for training several runs in turns (scripts/bench_removal.py). 0 = train to the end.
     pause_after_steps: int = 0
-    device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
-    amp: bool = True  # bf16 autocast on CUDA (CPU always runs float32)
-    channels_last: bool = True
-    compile: bool = False  # torch.compile the model (re-compiled after each surgery)
+    log_every: int = 25  # steps between progress-bar updates (a host-device sync on GPU)
     progress: bool = True
 
     # Valid ranges and choices (a class attribute, not a field). scn.config checks them with

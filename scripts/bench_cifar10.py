@@ -11,19 +11,11 @@ Pass the data location as an override:
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
-import matplotlib
+import harness
+import matplotlib.pyplot as plt
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from scn import io, report  # noqa: E402
-from scn.sweep import run_overrides  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 # Self-compression first: it is the run whose outcome is in doubt.
 METHODS = {"self_compress": ["quant=self_compress"], "none": ["quant=none"]}
 
@@ -32,36 +24,22 @@ def label(dataset_name: str) -> str:
     return "CIFAR-10 (JPEG copy)" if dataset_name == "cifar10-jpeg" else "CIFAR-10"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides for both methods")
+def _options(parser) -> None:
     parser.add_argument("--experiment", default="cifar10_resnet_cpu")
     parser.add_argument("--name", default="cifar10_cpu", help="result file stem in --out")
-    parser.add_argument("--runs", type=Path, default=None)
-    parser.add_argument("--out", type=Path, default=ROOT / "docs/results")
-    args = parser.parse_intermixed_args(argv)  # overrides and options in any order
-    runs = args.runs or ROOT / "outputs/bench" / args.name
+    parser.add_argument("--runs", type=Path, default=None, help="default: outputs/bench/<name>")
 
-    results = []
-    for method, overrides in METHODS.items():
-        s = run_overrides([f"+experiment={args.experiment}", *overrides, *args.overrides], runs / method)
-        results.append({
-            "method": method,
-            "dataset": label(s.get("dataset_name", "")),
-            "test_accuracy": s["test_accuracy"],
-            "bits_per_weight": s["bits_per_weight"],
-            "float_bits_pct": s["float_bits_pct"],
-            "weights_left_pct": s["weights_left_pct"],
-            "param_count": s["param_count"],
-            "file_bytes": s.get("file_bytes"),
-            "wall_time_s": s["wall_time_s"],
-            "images_per_s": s["images_per_s"],
-            "step_time_s": s["step_time_s"],
-            "channels_left": s["channels_left"],
-            "run_dir": s["run_dir"],
-        })
-    report.write_benchmark(args.out / f"{args.name}.json", "scripts/bench_cifar10.py",
-                           sys.argv[1:] if argv is None else argv, results, experiment=args.experiment)
+
+def main(argv: list[str] | None = None) -> None:
+    args = harness.arguments(__doc__, runs=None, argv=argv, add=_options,
+                             overrides_help="Hydra overrides for both methods")
+    runs = args.runs or harness.ROOT / "outputs/bench" / args.name
+    summaries = harness.run_methods(METHODS, [f"+experiment={args.experiment}"], args, runs)
+    keys = ("test_accuracy", "bits_per_weight", "float_bits_pct", "weights_left_pct", "param_count",
+            "file_bytes", "wall_time_s", "images_per_s", "step_time_s", "channels_left")
+    results = [harness.row(m, s, keys, dataset=label(s.get("dataset_name", "")))
+               for m, s in summaries.items()]
+    harness.write(args, __file__, args.name, results, experiment=args.experiment)
     plot(results, args.out / f"{args.name}.png")
     for r in results:
         print(f"{r['method']:>14}: {r['test_accuracy']:.2f}%  {r['bits_per_weight']:.3f} bits/weight "
@@ -79,9 +57,7 @@ def plot(results: list[dict], path: Path) -> None:
         a.bar_label(bars, fmt="%.2f")
         a.set(title=title)
     fig.suptitle(f"{results[0]['dataset']}: float vs self-compression (ResNet-9)")
-    fig.tight_layout()
-    io.atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
-    plt.close(fig)
+    harness.save_figure(fig, path)
 
 
 if __name__ == "__main__":

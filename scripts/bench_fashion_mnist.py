@@ -11,19 +11,11 @@ benchmark resumes). Writes docs/results/fashion_mnist.json and fashion_mnist.png
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
-import matplotlib
+import harness
+import matplotlib.pyplot as plt
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from scn import io, report  # noqa: E402
-from scn.sweep import run_overrides  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 METHODS = {
     "none": ["quant=none"],
     "fixed8": ["quant=fixed", "quant.init_bits=8"],
@@ -33,35 +25,16 @@ METHODS = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every method")
-    parser.add_argument("--runs", type=Path, default=ROOT / "outputs/bench/fashion_mnist")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs/results")
-    args = parser.parse_intermixed_args(argv)  # overrides and options in any order
-
-    results = []
-    for method, overrides in METHODS.items():
-        summary = run_overrides(["+experiment=fashion_mnist_cnn", *overrides, *args.overrides],
-                                args.runs / method)
-        results.append({
-            "method": method,
-            "test_accuracy": summary["test_accuracy"],
-            "bits_per_weight": summary["bits_per_weight"],
-            "step_time_s": summary["step_time_s"],
-            "float_bits_pct": summary["float_bits_pct"],
-            "weights_left_pct": summary["weights_left_pct"],
-            "param_count": summary["param_count"],
-            "file_bytes": summary.get("file_bytes"),
-            "wall_time_s": summary["wall_time_s"],
-            "run_dir": str(Path(summary["run_dir"]).resolve().relative_to(ROOT))
-            if Path(summary["run_dir"]).resolve().is_relative_to(ROOT) else summary["run_dir"],
-        })
+    args = harness.arguments(__doc__, runs="outputs/bench/fashion_mnist", argv=argv)
+    summaries = harness.run_methods(METHODS, ["+experiment=fashion_mnist_cnn"], args)
+    keys = ("test_accuracy", "bits_per_weight", "step_time_s", "float_bits_pct", "weights_left_pct",
+            "param_count", "file_bytes", "wall_time_s")
+    results = [harness.row(method, s, keys) for method, s in summaries.items()]
     base = next(r for r in results if r["method"] == "none")
     for r in results:
         r["accuracy_drop_vs_float"] = base["test_accuracy"] - r["test_accuracy"]
         r["step_time_ratio_vs_float"] = r["step_time_s"] / base["step_time_s"]
-    report.write_benchmark(args.out / "fashion_mnist.json", "scripts/bench_fashion_mnist.py",
-                           sys.argv[1:] if argv is None else argv, results)
+    harness.write(args, __file__, "fashion_mnist", results)
     plot(results, args.out / "fashion_mnist.png")
     for r in results:
         print(f"{r['method']:>14}: {r['test_accuracy']:6.2f}%  {r['bits_per_weight']:6.3f} bits/weight  "
@@ -80,9 +53,7 @@ def plot(results: list[dict], path: Path) -> None:
     b.bar([r["method"] for r in results], [r["step_time_ratio_vs_float"] for r in results])
     b.axhline(1.0, color="gray", ls="--")
     b.set(ylabel="training step time / float step time", title="training cost per step")
-    fig.tight_layout()
-    io.atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
-    plt.close(fig)
+    harness.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -19,15 +19,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import matplotlib
+import harness
+import matplotlib.pyplot as plt
+from harness import ROOT
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from scn import checkpoint, size
+from scn import format as scn_format
 
-from scn import checkpoint, io, report, size  # noqa: E402
-from scn import format as scn_format  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("none", "fixed8", "fixed4", "self_compress")
 DEFAULT_RUNS = ROOT / "outputs/bench/fashion_mnist"
 
@@ -51,8 +49,7 @@ def measure(run_dir: Path, method: str, repeat: int, workdir: Path) -> dict:
     stats = scn_format.file_stats(path)
     return {
         "method": method,
-        "run_dir": str(run_dir.resolve().relative_to(ROOT)) if run_dir.resolve().is_relative_to(ROOT)
-        else str(run_dir),
+        "run_dir": harness.relative(run_dir),
         "file_bytes": file_bytes,
         "ideal_bytes": rep.ideal_bytes,
         "payload_bytes": stats["payload_bytes"],
@@ -91,9 +88,7 @@ def plot(results: list[dict], path: Path) -> None:
     b.set_xticks(list(x), names)
     b.set(ylabel="milliseconds (median)", title="save and load time")
     b.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, fontsize=8)
-    fig.tight_layout()
-    io.atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
-    plt.close(fig)
+    harness.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs/results")
     parser.add_argument("--repeat", type=int, default=5, help="timings are medians of this many runs")
     args = parser.parse_intermixed_args(argv)  # overrides and options in any order
+    args.argv = sys.argv[1:] if argv is None else argv
     runs = [(p.name, p) for p in args.runs] or [(m, DEFAULT_RUNS / m) for m in METHODS]
     missing = [str(p) for _, p in runs if not (p / "model.safetensors").is_file()]
     if missing:
@@ -111,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         results = [measure(p, method, args.repeat, Path(tmp)) for method, p in runs]
-    report.write_benchmark(args.out / "format.json", "scripts/bench_format.py",
-                           sys.argv[1:] if argv is None else argv, results)
+    harness.write(args, __file__, "format", results)
     plot(results, args.out / "format.png")
     for r in results:
         print(f"{r['method']:>14}: file {r['file_bytes']:>9,} B  ideal {r['ideal_bytes']:>11,.1f} B "

@@ -22,14 +22,11 @@ Writes docs/results/pareto.csv, pareto.json, pareto_bytes.png and pareto_bits.pn
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
+import harness
 
 from scn import aggregate, report, sweep_report
 from scn.sweep import run_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
 GAMMAS = (0.02, 0.05, 0.1, 0.2, 0.4)
 FIXED_BITS = (8, 6, 4, 3, 2)
 DIFFQ_PENALTIES = (1, 3, 10, 30)
@@ -49,12 +46,10 @@ def points() -> list[tuple[str, str, float | None, list[str]]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every point")
-    parser.add_argument("--runs", type=Path, default=ROOT / "outputs/bench/fashion_mnist")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs/results")
-    parser.add_argument("--skip", nargs="*", default=[], help="methods to leave out")
-    args = parser.parse_intermixed_args(argv)  # overrides and options in any order
+    args = harness.arguments(
+        __doc__, runs="outputs/bench/fashion_mnist", argv=argv,
+        overrides_help="extra Hydra overrides for every point",
+        add=lambda p: p.add_argument("--skip", nargs="*", default=[], help="methods to leave out"))
 
     knobs = {}
     for name, method, knob, overrides in points():
@@ -67,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         r["method"], r["knob"] = knobs[r["run_dir"]]
         r["label"] = r["method"]
-        r["run_dir"] = str((args.runs / r["run_dir"]).resolve().relative_to(ROOT))
+        r["run_dir"] = harness.relative(args.runs / r["run_dir"])
     aggregate.mark_pareto(rows)
     columns = ["method", "knob", "test_accuracy", "bits_per_weight", "file_bytes", "bytes_source",
                "diffq_true_bytes",
@@ -75,8 +70,7 @@ def main(argv: list[str] | None = None) -> None:
                "wall_time_s", "status", "run_dir"]
     table = [{k: r.get(k) for k in columns} for r in rows]
     report.write_csv(args.out / "pareto.csv", table)
-    report.write_benchmark(args.out / "pareto.json", "scripts/bench_pareto.py",
-                           sys.argv[1:] if argv is None else argv, table)
+    harness.write(args, __file__, "pareto", table)
     sweep_report.plot_pareto(rows, "file_bytes", args.out / "pareto_bytes.png", log_x=True)
     sweep_report.plot_pareto(rows, "bits_per_weight", args.out / "pareto_bits.png")
     for r in sorted(table, key=lambda r: (r["method"], r["bits_per_weight"] or 0)):

@@ -27,30 +27,25 @@ Latency and FLOPs are measured on the first seed's final models.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import statistics
-import sys
 import time
 from pathlib import Path
 
-import matplotlib
+import harness
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+from scn import checkpoint
+from scn.cli import build_experiment
+from scn.quant import frozen
+from scn.size import size_loss
+from scn.sweep import compose_config, run_overrides
+from scn.train import learns_bits
 
-from scn import checkpoint, io, report  # noqa: E402
-from scn.cli import build_experiment  # noqa: E402
-from scn.quant import frozen  # noqa: E402
-from scn.size import size_loss  # noqa: E402
-from scn.sweep import compose_config, run_overrides  # noqa: E402
-from scn.train import learns_bits  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 # A wider CNN and a firmer size-loss weight than the default job, so that enough channels die
 # (about a third of the parameters) for removal to matter. The bit-depth/exponent learning rate
 # is low on purpose: with trainer.lr_quant=0.01 the run is chaotic (rounded b and e flip back
@@ -156,17 +151,16 @@ def training_models(models: dict[str, torch.nn.Module], overrides: list[str]) ->
     return {name: m.train().to(memory_format=torch.channels_last) for name, m in trained.items()}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every method")
-    parser.add_argument("--runs", type=Path, default=ROOT / "outputs/bench/removal")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs/results")
+def _options(parser) -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="seeds of the masked and removal runs (means are compared)")
     parser.add_argument("--slice-steps", type=int, default=468,
                         help="steps each run trains per turn (468: one Fashion-MNIST epoch)")
-    args = parser.parse_intermixed_args(argv)  # overrides and options in any order
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = harness.arguments(__doc__, runs="outputs/bench/removal", argv=argv, add=_options)
 
     # Seed by seed (float once, with the first), the runs of one seed trained in turns.
     seeded: dict[str, list[dict]] = {m: [] for m in METHODS}
@@ -208,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
             "latency_b256_ms": latency_b256[method],
             "train_step_b128_ms": step_ms[method],
             "channels_left": summary["channels_left"],
-            "run_dir": summary["run_dir"],
+            "run_dir": harness.relative(summary["run_dir"]),
         })
     base = results[0]
     for r in results:
@@ -217,9 +211,8 @@ def main(argv: list[str] | None = None) -> None:
         r["latency_b1_ratio"] = r["latency_b1_ms"] / base["latency_b1_ms"]
         r["latency_b256_ratio"] = r["latency_b256_ms"] / base["latency_b256_ms"]
         r["train_step_ratio"] = r["train_step_b128_ms"] / base["train_step_b128_ms"]
-    report.write_benchmark(args.out / "removal.json", "scripts/bench_removal.py",
-                           sys.argv[1:] if argv is None else argv, results, common_overrides=COMMON,
-                           method_overrides=METHODS)
+    harness.write(args, __file__, "removal", results, common_overrides=COMMON,
+                  method_overrides=METHODS)
     plot(results, args.out / "removal.png")
     for r in results:
         print(f"{r['method']:>8}: train {r['wall_time_s']:7.1f}s ({r['wall_time_ratio']:.2f}x)  "
@@ -242,9 +235,7 @@ def plot(results: list[dict], path: Path) -> None:
     ax.set(ylabel="relative to float (lower is cheaper)",
            title="Channel removal: training and inference cost relative to float")
     ax.legend(title="method (test accuracy)")
-    fig.tight_layout()
-    io.atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
-    plt.close(fig)
+    harness.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -19,16 +19,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import matplotlib
+import harness
+import matplotlib.pyplot as plt
+from harness import ROOT
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from scn import aggregate, checkpoint, report, sweep_report
+from scn.quant import sc_layers
+from scn.sweep import run_overrides
 
-from scn import aggregate, checkpoint, io, report, sweep_report  # noqa: E402
-from scn.quant import sc_layers  # noqa: E402
-from scn.sweep import run_overrides  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 FMNIST_POINTS = {  # run name -> overrides; names shared with bench_pareto.py
     "none": ["quant=none"],
     **{f"fixed{b}": ["quant=fixed", f"quant.init_bits={b}"] for b in (8, 4, 3, 2)},
@@ -74,9 +72,7 @@ def fig_layers(tables: dict[str, list[dict]], key: str, ylabel: str, title: str,
         ax.set(title=name, xlabel="layer", ylabel=ylabel)
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle(title)
-    fig.tight_layout()
-    io.atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
-    plt.close(fig)
+    harness.save_figure(fig, path)
 
 
 def fig_bits_over_training(rows: list[dict], path: Path) -> list[dict]:
@@ -92,9 +88,7 @@ def fig_bits_over_training(rows: list[dict], path: Path) -> list[dict]:
            title="Self-compression: size over training (Fashion-MNIST)")
     ax.legend(title="size-loss weight (final accuracy)")
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    io.atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
-    plt.close(fig)
+    harness.save_figure(fig, path)
     return data
 
 

@@ -8,6 +8,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 SCN_TRAIN = Path(sys.executable).parent / "scn-train"
+sys.path.insert(0, str(ROOT / "scripts"))  # benchmark scripts import their harness by name
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

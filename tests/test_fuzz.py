@@ -1,7 +1,7 @@
 """Safe loading: hostile .scn files are clean FormatErrors, and nothing scn reads runs code.
 
-A few hundred hypothesis cases over the mutators of scripts/fuzz_format.py (which runs
-10,000 of them and writes docs/results/fuzz.json).
+A few hundred hypothesis cases over the mutators in tests/fuzz_mutators.py (which
+scripts/fuzz_format.py runs by the thousand, writing docs/results/fuzz.json).
 """
 
 import importlib.util
@@ -9,6 +9,7 @@ import json
 import random
 import re
 
+import fuzz_mutators
 import pytest
 from conftest import ROOT
 from hypothesis import HealthCheck, given, settings
@@ -21,7 +22,7 @@ _spec = importlib.util.spec_from_file_location("fuzz_format", ROOT / "scripts" /
 fuzz_format = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fuzz_format)
 
-BASES = fuzz_format.base_files()
+BASES = fuzz_mutators.base_files()
 FAST = settings(max_examples=120, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
@@ -54,7 +55,7 @@ def test_truncated_and_flipped(case_path, base, seed, data):
     rng = random.Random(seed)
     cut = data.draw(st.integers(0, len(raw) - 1))
     clean(raw[:cut], case_path)
-    clean(fuzz_format.bit_flips(rng, raw), case_path)
+    clean(fuzz_mutators.bit_flips(rng, raw), case_path)
 
 
 @settings(FAST, max_examples=300)
@@ -63,7 +64,7 @@ def test_truncated_and_flipped(case_path, base, seed, data):
        st.integers(0, 10**9))
 def test_resigned_mutations(case_path, base, category, seed):
     """Damage behind a valid checksum: the decoder's own checks must catch it."""
-    clean(fuzz_format.MUTATORS[category](random.Random(seed), BASES[base]), case_path)
+    clean(fuzz_mutators.MUTATORS[category](random.Random(seed), BASES[base]), case_path)
 
 
 def test_absurd_shapes_are_refused_before_allocating(tmp_path):
@@ -89,11 +90,11 @@ def test_bit_depths_above_16_and_recursion_bombs(case_path):
     bad = fmt.serialize(fmt.Packed({**packed.tensors, "bits": bits}, packed.layers, packed.floats), rest)
     with pytest.raises(FormatError):
         fmt.decode(fmt.parse(bad)[1])
-    st_header, data = fuzz_format._split(BASES["mixed"])
+    st_header, data = fuzz_mutators._split(BASES["mixed"])
     meta = st_header["__metadata__"]
     meta["scn"] = '{"x":' + "[" * 100_000 + "]" * 100_000 + "," + meta["scn"][1:]
     with pytest.raises(FormatError, match="not valid JSON"):
-        fmt.parse(fuzz_format._join(st_header, data))
+        fmt.parse(fuzz_mutators._join(st_header, data))
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +121,8 @@ def test_damaged_training_files_are_format_errors(training_files, seed):
     for path, load in ((model_file, checkpoint.load_checkpoint),
                        (state_file, lambda p: resume.build_model(resume.load(p)))):
         raw = path.read_bytes()
-        damaged = rng.choice([fuzz_format.truncate, fuzz_format.bit_flips, fuzz_format.splice])(rng, raw)
+        mutate = rng.choice([fuzz_mutators.truncate, fuzz_mutators.bit_flips, fuzz_mutators.splice])
+        damaged = mutate(rng, raw)
         bad = path.with_name("damaged.safetensors")
         bad.write_bytes(damaged)
         try:

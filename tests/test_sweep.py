@@ -175,6 +175,9 @@ def test_choose_run_prefers_accurate_front_point_under_4_bits():
 def _compose_hydra(overrides):
     from hydra import compose, initialize_config_dir
 
+    from scn.cli import register_defaults
+
+    register_defaults()  # the config classes' defaults, which configs/ extends
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         return compose(config_name="train", overrides=overrides, return_hydra_config=True)
 
