@@ -92,7 +92,7 @@ class Trainer:
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.optimizer = optim.make_optimizer(self.model, cfg)
-        # The size term; a plugin (DiffQ) may add its own parameter group, before the scheduler.
+        # The size term; a plugin method may add its own parameter group, before the scheduler.
         self.size = method.attach(self.model, self.optimizer)
         self.scheduler = optim.scheduler(self.optimizer, self.model, self.total_steps, cfg)
         self.graph = None
