@@ -92,11 +92,9 @@ def _hydra_config(run_dir: Path) -> dict:
     from omegaconf import OmegaConf
 
     try:
-        cfg = OmegaConf.load(path)
-        try:
-            return OmegaConf.to_container(cfg, resolve=True)
-        except Exception:  # an interpolation that only resolves inside Hydra
-            return OmegaConf.to_container(cfg, resolve=False)
+        # Data, not a config to run: interpolations stay as written, no resolver runs (an
+        # ${oc.env:...} in a stranger's run folder must not copy environment variables out).
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     except Exception:
         return {}
 

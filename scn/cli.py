@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from scn import aggregate, config, experiment, methods, models, schedule
+from scn import aggregate, config, experiment, io, methods, models, schedule
 from scn.errors import ConfigError, DataError, NumericalError, ScnError
 from scn.train import TrainConfig
 
@@ -152,7 +152,8 @@ def train_main(cfg: DictConfig) -> float | None:
               "bits/weight); not training it again. Remove the folder to re-run it.")
         return _objective(done)
     try:
-        summary = experiment.run(exp, run_dir, resume=cfg.get("resume", False), notify=_notice)
+        summary = experiment.run(exp, run_dir, resume=cfg.get("resume", False), notify=_notice,
+                                 record=lambda folder: _record(folder, cfg))
     except ScnError as exc:
         message = f"{exc}{_what_is_kept(run_dir, exc)}"
         if multirun:  # a sweep goes on with its other runs
@@ -172,6 +173,16 @@ def train_main(cfg: DictConfig) -> float | None:
           f"{summary['bits_per_weight']:.3f} bits/weight ({summary['float_bits_pct']:.2f}% of "
           f"float32), {summary['weights_left_pct']:.1f}% of weights left. Run folder: {run_dir}")
     return _objective(summary)
+
+
+def _record(run_dir: Path, cfg: DictConfig) -> None:
+    """The run's .hydra/ record (its config, overrides and Hydra's settings), as Hydra writes it,
+    but only once the run has been accepted in the folder (hydra.output_subdir is null)."""
+    hc = HydraConfig.get()
+    folder = run_dir / ".hydra"
+    io.write_text(folder / "config.yaml", OmegaConf.to_yaml(cfg))
+    io.write_text(folder / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(hc.overrides.task))))
+    io.write_text(folder / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.create({"hydra": hc})))
 
 
 def _notice(message: str) -> None:

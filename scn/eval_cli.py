@@ -163,7 +163,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--export", metavar="OUT.safetensors",
                    help="also write a plain float state_dict of the shrunk model")
+    p.add_argument("--force", action="store_true",
+                   help="let --export replace an existing file (never the file being read)")
     return p
+
+
+def _check_export(source: str, target: str | None, force: bool) -> None:
+    """--export never replaces the file it reads, and replaces another only with --force."""
+    if target is None:
+        return
+    out, src = Path(target), Path(source)
+    if out.resolve() == src.resolve() or (out.exists() and src.exists() and out.samefile(src)):
+        raise ScnError(f"--export {target} is the file being read; scn-eval never overwrites its "
+                       "input. Give another output path.")
+    if out.exists() and not force:
+        raise ScnError(f"--export {target} already exists; scn-eval does not replace files unless "
+                       "asked. Give another path, or add --force to replace it.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ScnError(f"--batch-size={args.batch_size} must be a positive integer.")
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise ScnError(f"--device={args.device} but CUDA is not available here; use --device cpu.")
+        _check_export(args.path, args.export, args.force)
         results, model, header = measure(args.path, args.dataset, args.root, args.device,
                                          args.batch_size, channels_last=not args.nchw)
         if args.export:

@@ -124,7 +124,8 @@ def finished_summary(run_dir: str | Path, digest: str) -> dict | None:
 
 
 def run(exp: Experiment, run_dir: str | Path, resume: bool = False,
-        notify: Callable[[str], None] | None = None) -> dict:
+        notify: Callable[[str], None] | None = None,
+        record: Callable[[Path], None] | None = None) -> dict:
     """Train and write the run folder; returns the summary. Failures leave a 'failed' summary.
 
     A folder that already holds a finished run is never overwritten: the same config returns
@@ -132,9 +133,21 @@ def run(exp: Experiment, run_dir: str | Path, resume: bool = False,
     training continues from the folder's training checkpoint when it has one (of the same
     config: else an error); `notify` receives one-line notices (resuming, starting afresh).
     A run paused by trainer.pause_after_steps returns its "paused" summary (step, total_steps).
+    The folder is locked while the run owns it (a second run there is refused at once); `record`
+    (scn-train's: the .hydra/ files) is called only once the run has been accepted.
     """
     run_dir = Path(run_dir)
-    notify = notify or (lambda message: None)
+    try:
+        with io.folder_lock(run_dir):
+            return _run_locked(exp, run_dir, resume, notify or (lambda message: None), record)
+    except io.FolderInUse as exc:
+        raise ScnError(f"{run_dir} is in use by another scn-train (process {exc.pid}), and one run "
+                       "folder holds one run. Wait for it to finish, or choose another folder "
+                       "(hydra.run.dir=...); nothing in the folder was changed.") from None
+
+
+def _run_locked(exp: Experiment, run_dir: Path, resume: bool, notify: Callable[[str], None],
+                record: Callable[[Path], None] | None) -> dict:
     digest = config_hash(exp.config)
     previous = read_summary(run_dir)
     if previous and previous.get("status") == "finished":
@@ -146,6 +159,8 @@ def run(exp: Experiment, run_dir: str | Path, resume: bool = False,
         raise ConfigError(f"trainer.pause_after_steps needs training checkpoints, which "
                           f"quant={exp.scheme.kind} runs do not write; set trainer.pause_after_steps=0.")
     state = _starting_state(exp, run_dir, digest, resume, notify)
+    if record is not None:
+        record(run_dir)
     try:
         return _run(exp, run_dir, digest, state)
     except OSError as exc:  # a full disk, a folder gone: say which file, keep the traceback out

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -75,3 +76,39 @@ def _jsonable(x):
     if isinstance(x, Path):
         return str(x)
     raise TypeError(f"cannot write {type(x).__name__} to JSON")
+
+
+LOCK_NAME = ".lock"
+
+
+class FolderInUse(Exception):
+    """Another process holds a folder's lock; `pid` is what it wrote into the lock file."""
+
+    def __init__(self, pid: str) -> None:
+        super().__init__(pid)
+        self.pid = pid
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (its `.lock` file) or raise FolderInUse at once.
+
+    An OS lock (flock): the kernel releases it when the process ends, however it ends, so a
+    killed run leaves nothing to clean up and `resume=true` can take the folder again.
+    """
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FolderInUse(os.pread(fd, 32, 0).decode(errors="replace").strip() or "?") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+

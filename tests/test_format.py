@@ -498,6 +498,23 @@ def test_scn_eval_json(trained, data, capsys):
     assert "test accuracy" in text and "bits/weight" in text and "channels left" in text
 
 
+def test_scn_eval_export_never_replaces_its_input_and_asks_before_replacing(tmp_path, data, capsys):
+    model = quantize_(build("SmallCNN", in_channels=1, num_classes=4, width=4), Scheme(init_bits=4))
+    path = tmp_path / "m.scn"
+    fmt.save(model, path, dataset_info(data))
+    before = path.read_bytes()
+    for target, force in ((path, False), (path, True), (tmp_path / "." / "m.scn", True)):
+        assert eval_cli.main([str(path), "--export", str(target)] + ["--force"] * force) == 2
+        assert "never overwrites its input" in capsys.readouterr().err
+    assert path.read_bytes() == before
+    other = tmp_path / "plain.safetensors"
+    other.write_bytes(b"keep me")
+    assert eval_cli.main([str(path), "--export", str(other)]) == 2
+    assert "already exists" in capsys.readouterr().err and other.read_bytes() == b"keep me"
+    assert eval_cli.main([str(path), "--export", str(other), "--force"]) == 0
+    assert other.read_bytes() != b"keep me"
+
+
 def test_scn_eval_export_is_a_plain_state_dict(tmp_path, data, capsys):
     gen = torch.Generator().manual_seed(9)
     model = quantize_(build("SmallCNN", in_channels=1, num_classes=4, width=4), Scheme(init_bits=6))

@@ -204,6 +204,33 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     assert_same_run(ref, run)
 
 
+def test_a_second_run_on_a_locked_folder_is_refused(tmp_path):
+    """Two scn-train processes on one folder: the second fails at once, naming the first
+    process, and changes nothing; the first finishes with its own results."""
+    run = tmp_path / "run"
+    args = [str(SCN_TRAIN), *CLI, "trainer.checkpoint_every=4", f"hydra.run.dir={run}"]
+    first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ONE_THREAD)
+    path = resume.path_in(run)
+    deadline = time.time() + 300
+    while not path.exists():
+        assert first.poll() is None and time.time() < deadline, "the run ended before a checkpoint"
+        time.sleep(0.02)
+    second = subprocess.run([*args[:-1], "size_loss.gamma=1", f"hydra.run.dir={run}"],
+                            capture_output=True, text=True, env=ONE_THREAD, timeout=600)
+    running = first.poll() is None
+    assert first.wait(timeout=600) == 0
+    assert running, "the first run finished before the second started: no overlap was tested"
+    assert second.returncode != 0
+    assert f"is in use by another scn-train (process {first.pid})" in second.stderr
+    assert "Traceback" not in second.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "finished"
+    assert summary["config"]["size_loss"]["gamma"] == 2  # the first run's own config
+    record = OmegaConf.load(run / ".hydra" / "config.yaml")  # its record, not the refused one's
+    assert record.size_loss.gamma == 2
+    assert "size_loss.gamma=1" not in (run / ".hydra" / "overrides.yaml").read_text()
+
+
 CHILD = """
 import os, pathlib, signal, sys
 real, calls = pathlib.Path.write_bytes, []

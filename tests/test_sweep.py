@@ -97,6 +97,17 @@ def test_relaunched_sweep_skips_finished_runs(reported):
     assert proc.stdout.count("skipped") == 3, proc.stdout
 
 
+def test_configs_read_back_are_data(tmp_path, monkeypatch):
+    """An interpolation in a run folder's config is reported as written: no resolver runs."""
+    monkeypatch.setenv("SCN_TEST_SECRET", "hunter2")
+    run = tmp_path / "sweep" / "0" / ".hydra"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("quant:\n  kind: ${oc.env:SCN_TEST_SECRET}\nseed: ${oc.env:HOME}\n")
+    (row,) = aggregate.collect(tmp_path / "sweep", warn=None)
+    assert row["quant"] == "${oc.env:SCN_TEST_SECRET}" and row["seed"] == "${oc.env:HOME}"
+    assert "hunter2" not in json.dumps(row)
+
+
 def test_report_survives_crashed_runs(sweep, tmp_path, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(sweep, broken, ignore=shutil.ignore_patterns("report.csv", "*.png"))
