@@ -17,6 +17,7 @@ Sizes: `file_bytes` is the size of the run's `model.scn` file when the summary r
 
 from __future__ import annotations
 
+import csv
 import math
 import sys
 from collections.abc import Callable, Iterable
@@ -81,7 +82,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.csv"
     try:
         return report.read_csv(path) if path.is_file() else []
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, csv.Error):  # csv.Error: a field over 128 KiB
         return []
 
 
@@ -122,11 +123,31 @@ def _label(summary: dict, config: dict) -> str | None:
     return None
 
 
+def channel_counts(summary: dict, key: str) -> dict[str, float] | None:
+    """A summary's channels per layer (`channels_left` or `channels_original`), or None when
+    it has none or any count is not a number."""
+    counts = summary.get(key)
+    if not isinstance(counts, dict) or not all(_is_number(v) for v in counts.values()):
+        return None
+    return counts
+
+
 def _channels_left_pct(summary: dict) -> float | None:
-    left, original = summary.get("channels_left"), summary.get("channels_original")
-    if not isinstance(left, dict) or not isinstance(original, dict) or not sum(original.values()):
+    left, original = channel_counts(summary, "channels_left"), channel_counts(summary, "channels_original")
+    if left is None or original is None or not sum(original.values()):
         return None
     return 100.0 * sum(left.values()) / sum(original.values())
+
+
+def _not_numbers(summary: dict) -> list[str]:
+    """The figures of a finished summary that are not (finite) numbers."""
+    bad = [k for k in ("test_accuracy", "bits_per_weight") if not _is_number(summary.get(k))]
+    return bad + [k for k in ("channels_left", "channels_original")
+                  if k in summary and channel_counts(summary, k) is None]
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def run_row(run_dir: str | Path, sweep_dir: str | Path | None = None, warn: Warn | None = None) -> dict:
@@ -150,6 +171,8 @@ def run_row(run_dir: str | Path, sweep_dir: str | Path | None = None, warn: Warn
         "seed": config.get("seed"),
     }
     note = ""
+    if row["status"] == "finished" and _not_numbers(summary):
+        row["status"] = "broken"
     if row["status"] == "finished":
         file_bytes, source = size_bytes(summary)
         row.update({k: summary.get(k) for k in ("test_accuracy", "bits_per_weight", "float_bits_pct")})
@@ -170,6 +193,8 @@ def run_row(run_dir: str | Path, sweep_dir: str | Path | None = None, warn: Warn
             "paused": (f"status 'paused' at step {(summary or {}).get('step')} (trainer.pause_after_"
                        "steps): the same command with resume=true goes on"),
             "failed": f"status 'failed': {(summary or {}).get('error', 'no error recorded')}",
+            "broken": (f"summary.json says finished but its {', '.join(_not_numbers(summary or {}))} "
+                       "is not a number (an edited or damaged file)"),
         }.get(row["status"], f"status {row['status']!r}")
         note = why + ("; figures are from its last evaluation in metrics.csv" if last
                       else "; no evaluation recorded")

@@ -55,6 +55,7 @@ def rebuild(header: dict, shapes: dict[str, tuple[int, ...]],
     """
     try:
         spec, scheme = header["model"], from_header(header["scheme"])
+        reference = Reference(**header["reference"])
         if max_scalars is not None:
             _probe(spec, max_scalars, max_modules=16 * len(shapes) + 64)
         model = quantize_(build(spec["name"], **spec["kwargs"]), scheme)
@@ -64,7 +65,7 @@ def rebuild(header: dict, shapes: dict[str, tuple[int, ...]],
         raise
     except ScnError as exc:
         raise FormatError(f"the file's header describes a model scn cannot build: {exc}") from exc
-    model.scn_reference = Reference(**header["reference"])
+    model.scn_reference = reference
     resize(model, shapes)
     return model
 
@@ -129,6 +130,10 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, d
         state = {k: v.to(device) for k, v in st_load(raw).items()}
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise FormatError(f"{path}: the tensor data is unreadable ({exc}).") from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        raise FormatError(f"{path} stores NaN or infinite values in {', '.join(bad[:3])}, which no "
+                          "trained scn model holds; the file is corrupt.")
     model = rebuild(header, {k: tuple(v.shape) for k, v in state.items()},
                     max_scalars=max(1 << 24, 1024 * len(raw)))
     try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Callable
@@ -88,14 +89,32 @@ def split(raw: bytes, name: str, fmt: str) -> tuple[int, dict]:
     return n, st_header
 
 
-def header_of(raw: bytes, name: str, fmt: str, version: int) -> tuple[dict, int, dict]:
-    """(scn header, safetensors header length, safetensors header), format and version checked."""
+def _finite_json(text):
+    """JSON that refuses NaN, Infinity and numbers beyond float range (1e400)."""
+    def number(token: str) -> float:
+        value = float(token)
+        if not math.isfinite(value):
+            raise ValueError(f"the number {token} is out of range")
+        return value
+
+    def constant(token: str):
+        raise ValueError(f"{token} is not a number a header may hold")
+
+    return json.loads(text, parse_float=number, parse_constant=constant)
+
+
+def header_of(raw: bytes, name: str, fmt: str, version: int,
+              finite: bool = True) -> tuple[dict, int, dict]:
+    """(scn header, safetensors header length, safetensors header), format and version checked.
+
+    With `finite` (model files), a header number that is NaN, infinite or beyond float range is
+    a FormatError here, before anything is built from it."""
     n, st_header = split(raw, name, fmt)
     meta = st_header.get("__metadata__") or {}
     if not isinstance(meta, dict) or METADATA_KEY not in meta:
         raise foreign(name, fmt, "it is a safetensors file without scn's 'scn' metadata")
     try:
-        header = json.loads(meta[METADATA_KEY])
+        header = (_finite_json if finite else json.loads)(meta[METADATA_KEY])
         if not isinstance(header, dict):
             raise ValueError("not an object")
     except (TypeError, ValueError, RecursionError) as exc:
@@ -141,10 +160,10 @@ def verify(raw: bytes, name: str, n: int, st_header: dict) -> None:
                           "(a damaged or edited file). Copy or download it again.")
 
 
-def read(path: str | Path, fmt: str, version: int) -> tuple[dict, bytes]:
+def read(path: str | Path, fmt: str, version: int, finite: bool = True) -> tuple[dict, bytes]:
     """A whole file, checked (envelope, format, version, checksum): (scn header, raw bytes)."""
     raw = read_bytes(path)
-    header, n, st_header = header_of(raw, str(path), fmt, version)
+    header, n, st_header = header_of(raw, str(path), fmt, version, finite)
     verify(raw, str(path), n, st_header)
     return header, raw
 

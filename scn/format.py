@@ -177,6 +177,9 @@ def decode(packed: Packed) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     pos = {"codes": 0, "bits": 0, "live_inputs": 0, "floats": 0}
     floats = t["floats"]
+    if not bool(np.isfinite(floats).all()):
+        raise FormatError("the file stores NaN or infinite float values (a norm's statistics, a "
+                          "bias), which no trained scn model holds; the file is corrupt.")
     stored: dict[str, torch.Tensor] = {}
     for key, shape in packed.floats:
         n = math.prod(shape)
@@ -212,6 +215,9 @@ def decode(packed: Packed) -> dict[str, torch.Tensor]:
             if bits.size and int(bits.max()) > MAX_BITS:
                 raise FormatError(f"layer {name!r} has a bit depth of {int(bits.max())}; the .scn "
                                   f"format allows 0..{MAX_BITS}. The file is corrupt.")
+            if bool((np.abs(exps[bits > 0]) > MAX_EXPONENT).any()):
+                raise FormatError(f"layer {name!r} has an exponent beyond +-{MAX_EXPONENT}, which no "
+                                  "scn writes (its weights would not be exact floats). The file is corrupt.")
             nbytes = -(-m * int(bits.sum()) // 8)
             codes = unpack_codes(_take(t["codes"], pos["codes"], nbytes, "codes"), bits, m)
             pos["codes"] += nbytes

@@ -21,6 +21,16 @@ class Reference:
     weights: int  # elements of Conv2d/Linear weights only
     out_channels: dict[str, int] = field(default_factory=dict)  # per weight layer
 
+    def __post_init__(self) -> None:
+        """A reference read from a file must make every ratio a finite number."""
+        if not isinstance(self.out_channels, dict):
+            raise TypeError("the size reference's out_channels must be an object")
+        counts = [self.scalars, self.weights, *self.out_channels.values()]
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in counts):
+            raise ValueError("the size reference's counts must be positive integers")
+        if not all(isinstance(k, str) for k in self.out_channels):
+            raise ValueError("the size reference names its layers with strings")
+
     @classmethod
     def of(cls, model: nn.Module) -> Reference:
         state = {k: v for k, v in model.state_dict().items() if not k.endswith(FREE_SUFFIXES)}

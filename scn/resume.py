@@ -110,7 +110,7 @@ def load(path: str | Path) -> State:
     of its step, say) is refused, never resumed from.
     """
     try:
-        meta, raw = container.read(path, FORMAT, VERSION)
+        meta, raw = container.read(path, FORMAT, VERSION, finite=False)  # rows may hold NaN
     except FormatError as exc:
         raise _unreadable(path, str(exc).removeprefix(f"{path} ").rstrip(".")) from None
     try:

@@ -162,8 +162,9 @@ def layer_bits(run_dir: str | Path) -> dict[str, float] | None:
 def _channels(run_dir: Path) -> tuple[dict[str, float], dict[str, float] | None]:
     """(channels left, channels original or None) per layer, from summary.json or metrics.csv."""
     summary = read_summary(run_dir)
-    if isinstance(summary, dict) and isinstance(summary.get("channels_left"), dict):
-        return summary["channels_left"], summary.get("channels_original")
+    left = aggregate.channel_counts(summary, "channels_left") if isinstance(summary, dict) else None
+    if left is not None:
+        return left, aggregate.channel_counts(summary, "channels_original")
     last = (read_metrics(run_dir) or [{}])[-1]
     return {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("channels/")}, None
 

@@ -1,6 +1,6 @@
 """Fuzz the .scn decoder: every damaged, foreign or hostile file must be a clean FormatError.
 
-    python scripts/fuzz_format.py                      # 10,000 cases -> docs/results/fuzz.json
+    python scripts/fuzz_format.py                      # 20,000 cases -> docs/results/fuzz.json
     python scripts/fuzz_format.py --cases 500 --seed 1 --out /tmp/fuzz
 
 Cases come from a seeded mutator over real .scn files (small SmallCNN and ResNet models with
@@ -111,9 +111,12 @@ def fuzz(n: int, seed: int, time_limit: float, max_growth_mb: float, workdir: Pa
     counts: dict[str, Counter] = defaultdict(Counter)
     failures: list[dict] = []
     start = time.perf_counter()
+    baseline, max_case_s = peak_rss_mb(), 0.0  # the process with its base files, before any case
     for i, (category, base, raw) in enumerate(cases(n, seed, bases)):
         before = peak_rss_mb()
+        t0 = time.perf_counter()
         outcome, detail = run_case(raw, path, time_limit)
+        max_case_s = max(max_case_s, time.perf_counter() - t0)
         if outcome in ("ok", "format_error") and peak_rss_mb() - before > max_growth_mb:
             outcome, detail = "huge_allocation", f"peak memory grew {peak_rss_mb() - before:.0f} MB"
         counts[category][outcome] += 1
@@ -130,6 +133,9 @@ def fuzz(n: int, seed: int, time_limit: float, max_growth_mb: float, workdir: Pa
         "cases": n, "crashes": total["crash"], "hangs": total["hang"],
         "huge_allocations": total["huge_allocation"], "seed": seed,
         "time_limit_s": time_limit, "runtime_s": round(time.perf_counter() - start, 1),
+        # The process's peak memory above its baseline over every case (a high-water mark, so
+        # it also counts what the first cases import), and the slowest case.
+        "max_peak_mib": round(peak_rss_mb() - baseline, 1), "max_case_s": round(max_case_s, 3),
         "results": [{"category": c, "cases": sum(counts[c].values()),
                      **{o: counts[c][o] for o in OUTCOMES}} for c in MUTATORS if counts[c]],
         "failures": failures[:50],
@@ -138,7 +144,7 @@ def fuzz(n: int, seed: int, time_limit: float, max_growth_mb: float, workdir: Pa
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", type=int, default=10_000)
+    parser.add_argument("--cases", type=int, default=20_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--time-limit", type=float, default=5.0, help="seconds per case")
     parser.add_argument("--max-growth-mb", type=float, default=512,

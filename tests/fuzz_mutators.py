@@ -1,7 +1,7 @@
 """The fuzzer's mutators: real .scn files to start from, and the ways to damage them.
 
 Used by tests/test_fuzz.py (a few hundred hypothesis cases) and by scripts/fuzz_format.py
-(the committed 10,000-case run). Most mutations are re-signed with a valid checksum, so that
+(the committed 20,000-case run). Most mutations are re-signed with a valid checksum, so that
 what is tested is the decoder's own checks, not only the SHA-256.
 """
 
@@ -11,6 +11,7 @@ import copy
 import hashlib
 import json
 import random
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -233,6 +234,23 @@ def raw_resigned(rng: random.Random, raw: bytes) -> bytes:
     return resign(bytes(out))
 
 
+_NUMBER = re.compile(r"(?<![\w.])-?\d+(\.\d+)?([eE][-+]?\d+)?")
+SPECIAL_NUMBERS = ["1e400", "-1e400", "Infinity", "-Infinity", "NaN", "0", "-1", "1e308"]
+
+
+def special_number(rng: random.Random, raw: bytes) -> bytes:
+    """One number of the scn header written as JSON text Python reads as a non-finite float
+    (1e400, Infinity, NaN) or as zero or a negative total; re-signed."""
+    st_header, data = _split(raw)
+    text = st_header["__metadata__"][container.METADATA_KEY]
+    found = list(_NUMBER.finditer(text))
+    if found:
+        m = rng.choice(found)
+        text = text[:m.start()] + rng.choice(SPECIAL_NUMBERS) + text[m.end():]
+    st_header["__metadata__"][container.METADATA_KEY] = text
+    return _join(st_header, data)
+
+
 def deep_nesting(rng: random.Random, raw: bytes) -> bytes:
     """A header with a field nested thousands of levels deep (a recursion bomb); re-signed."""
     st_header, data = _split(raw)
@@ -250,7 +268,8 @@ MUTATORS: dict[str, Callable[[random.Random, bytes], bytes]] = {
     "random_bytes": random_bytes, "truncate": truncate, "bit_flips": bit_flips,
     "splice": splice, "header_field": header_field, "tensor_values": tensor_values,
     "safetensors_table": safetensors_table, "raw_resigned": raw_resigned,
-    "deep_nesting": deep_nesting,
+    "deep_nesting": deep_nesting, "special_number": special_number,
 }
 WEIGHTS = {"random_bytes": 1, "truncate": 1, "bit_flips": 1, "splice": 1, "header_field": 4,
-           "tensor_values": 3, "safetensors_table": 2, "raw_resigned": 2, "deep_nesting": 0.3}
+           "tensor_values": 3, "safetensors_table": 2, "raw_resigned": 2, "deep_nesting": 0.3,
+           "special_number": 2}

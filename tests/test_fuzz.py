@@ -27,6 +27,43 @@ FAST = settings(max_examples=120, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
+def _with_header(raw: bytes, edit) -> bytes:
+    """`raw` with its scn header text edited by `edit` (str -> str), re-signed."""
+    st_header, data = fuzz_mutators._split(raw)
+    st_header["__metadata__"]["scn"] = edit(st_header["__metadata__"]["scn"])
+    return fuzz_mutators._join(st_header, data)
+
+
+@pytest.mark.parametrize("number", ["1e400", "-1e400", "Infinity", "NaN"])
+def test_non_finite_header_numbers_are_refused_before_anything_is_built(case_path, number):
+    bad = _with_header(BASES["mixed"], lambda text: re.sub(r'"scalars":\d+', f'"scalars":{number}', text))
+    case_path.write_bytes(bad)
+    with pytest.raises(FormatError, match="not valid JSON"):
+        fmt.load(case_path)
+
+
+@pytest.mark.parametrize("scalars", ["0", "-7"])
+def test_a_size_reference_of_zero_is_refused(case_path, scalars):
+    bad = _with_header(BASES["mixed"], lambda text: re.sub(r'"scalars":\d+', f'"scalars":{scalars}', text))
+    case_path.write_bytes(bad)
+    with pytest.raises(FormatError, match="positive integers"):
+        fmt.load(case_path)
+
+
+def test_out_of_range_exponents_and_non_finite_floats_are_refused():
+    header, packed = fmt.parse(BASES["mixed"])
+    rest = {k: v for k, v in header.items() if k not in ("layers", "floats")}
+    live = packed.tensors["bits"] > 0
+    exps = packed.tensors["exponents"].copy()
+    exps[live.nonzero()[0][0]] = 127
+    floats = packed.tensors["floats"].copy()
+    floats[0] = float("nan")
+    for tensors, match in (({"exponents": exps}, "exponent beyond"), ({"floats": floats}, "NaN")):
+        raw = fmt.serialize(fmt.Packed({**packed.tensors, **tensors}, packed.layers, packed.floats), rest)
+        with pytest.raises(FormatError, match=match):
+            fmt.decode(fmt.parse(raw)[1])
+
+
 @pytest.fixture(scope="module")
 def case_path(tmp_path_factory):
     return tmp_path_factory.mktemp("fuzz") / "case.scn"

@@ -108,6 +108,24 @@ def test_configs_read_back_are_data(tmp_path, monkeypatch):
     assert "hunter2" not in json.dumps(row)
 
 
+def test_malformed_summaries_and_metrics_are_listed_as_broken(sweep, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(sweep, broken, ignore=shutil.ignore_patterns("report.csv", "*.png"))
+    for run, edit in (("0", {"test_accuracy": "92.5%"}), ("1", {"channels_left": {"0": "many"}})):
+        summary = json.loads((broken / run / "summary.json").read_text())
+        (broken / run / "summary.json").write_text(json.dumps({**summary, **edit}))
+    (broken / "2" / "summary.json").unlink()
+    metrics = broken / "2" / "metrics.csv"
+    metrics.write_text(metrics.read_text().replace("\n", "," + "9" * 200_000 + "\n", 1))
+    out = tmp_path / "out"
+    assert report_cli.main([str(broken), "--out", str(out)]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    rows = {r["run_dir"]: r for r in read_report(out / "report.csv")}
+    assert rows["0"]["status"] == rows["1"]["status"] == "broken" and rows["2"]["status"] == "missing"
+    assert "test_accuracy is not a number" in rows["0"]["note"] and "channels_left" in rows["1"]["note"]
+    assert all(rows[k]["pareto"] == "false" for k in "012")
+
+
 def test_report_survives_crashed_runs(sweep, tmp_path, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(sweep, broken, ignore=shutil.ignore_patterns("report.csv", "*.png"))
