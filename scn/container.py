@@ -28,6 +28,9 @@ from scn.errors import FormatError
 
 METADATA_KEY = "scn"
 CHECKSUM_KEY = "scn_sha256"
+# The JSON headers of real files are a few KB (a 10,000-layer model's would be ~2 MB); a header
+# beyond this is refused before it is parsed, so parsing cost stays bounded.
+MAX_HEADER_BYTES = 16 << 20
 _CHECKSUM_RE = re.compile(rb'"scn_sha256"\s*:\s*"([0-9a-f]{64})"')
 # What each format is called in messages, and how to make one.
 KINDS = {
@@ -72,6 +75,12 @@ def split(raw: bytes, name: str, fmt: str) -> tuple[int, dict]:
         raise foreign(name, fmt, f"it is only {len(raw)} bytes long (empty or truncated)")
     n = int.from_bytes(raw[:8], "little")
     looks_safetensors = raw[8:9] == b"{"
+    if n > MAX_HEADER_BYTES:
+        if not looks_safetensors:
+            raise foreign(name, fmt, "it does not start with a safetensors header")
+        raise FormatError(f"{name} declares a header of {n:,} bytes, beyond the "
+                          f"{MAX_HEADER_BYTES:,} any scn file needs; it is not a file scn wrote, or "
+                          "it is corrupt.")
     if n > len(raw) - 8:
         if looks_safetensors:
             raise FormatError(f"{name} is truncated: its header alone should be {n} bytes but the "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -29,6 +30,24 @@ from scn.quant import sc_layers
 DATASETS = ("fashion_mnist", "synthetic")
 
 
+SYNTHETIC_LIMITS = {"classes": 1000, "image_elements": 1 << 14}  # the test dataset's sizes
+
+
+def _check_synthetic(info: dict) -> None:
+    """The synthetic dataset is generated to the header's shape: keep that shape small, so a
+    file cannot make scn-eval allocate gigabytes."""
+    shape, classes = info.get("input_shape") or [1, 28, 28], info.get("classes") or []
+    try:
+        elements = math.prod(int(s) for s in shape)
+    except (TypeError, ValueError):
+        elements = -1
+    if not 0 < elements <= SYNTHETIC_LIMITS["image_elements"] or len(classes) > SYNTHETIC_LIMITS["classes"]:
+        raise DataError(f"the file asks for a synthetic dataset of {len(classes)} classes and inputs of "
+                        f"shape {shape}, beyond what scn-eval generates (at most "
+                        f"{SYNTHETIC_LIMITS['classes']} classes and {SYNTHETIC_LIMITS['image_elements']:,} "
+                        "values per image). Evaluate it on its real dataset with --dataset NAME.")
+
+
 def load_dataset(name: str, header: dict, root: str | None = None):
     """The test data `name` as scn's loaders give it, shaped like the file's dataset."""
     from scn import data
@@ -38,6 +57,7 @@ def load_dataset(name: str, header: dict, root: str | None = None):
     if name == "fashion_mnist":
         dataset = data.fashion_mnist(root=root)
     elif name == "synthetic":
+        _check_synthetic(info)
         kw = {}
         if info.get("classes"):
             kw["num_classes"] = len(info["classes"])

@@ -29,6 +29,7 @@ is left untouched).
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,9 +53,11 @@ _MAX_ELEMENTS = 1 << 32  # no layer of a real model comes near; a larger one is 
 # Sizes a file's bytes can plausibly describe, checked before anything is allocated: decoded
 # tensors (a real file stores >= 1 bit per weight of all but a few channels: 8 per byte, with
 # room to spare) and the full model its header names (before surgery removed channels).
-_ELEMENTS_PER_BYTE, _MIN_ELEMENTS = 256, 1 << 22
+_ELEMENTS_PER_BYTE, _MIN_ELEMENTS = 64, 1 << 22
 _SCALARS_PER_BYTE, _MIN_SCALARS = 1024, 1 << 24
 _MAX_INPUT_ELEMENTS = 1 << 22  # one input image (C*H*W) for the load-time check
+_REAL_CHECK_WORK = 1 << 30  # ~0.05 s of multiply-adds on two CPU cores
+MAX_LAYERS, MAX_FLOAT_TENSORS = 10_000, 100_000  # far beyond any CNN; a header beyond is refused
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,6 +277,9 @@ def parse(raw: bytes, name: str = "the data") -> tuple[dict, Packed]:
         layers, floats = header["layers"], header["floats"]
         if not (isinstance(layers, list) and isinstance(floats, list)):
             raise TypeError("layers and floats must be lists")
+        if len(layers) > MAX_LAYERS or len(floats) > MAX_FLOAT_TENSORS:
+            raise ValueError(f"{len(layers)} layers and {len(floats)} float tensors, beyond the "
+                             f"format's limits of {MAX_LAYERS:,} and {MAX_FLOAT_TENSORS:,}")
         for entry in layers:
             shape = [int(s) for s in entry["shape"]]
             if not isinstance(entry["name"], str) or not isinstance(entry["quantized"], bool):
@@ -352,11 +358,22 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Modul
     if shape is not None:
         try:
             with torch.no_grad():
-                model(torch.zeros((1, *shape)))
+                _check_forward(model, shape)
         except (RuntimeError, ValueError) as exc:
             raise FormatError(f"{name}: the stored shapes do not make a working model ({exc}); "
                               "the file is corrupt.") from None
     return model.to(device), header
+
+
+def _check_forward(model: nn.Module, shape: tuple[int, ...]) -> None:
+    """One forward pass, to check the stored shapes fit together. A real one when it is cheap
+    (about parameters x pixels multiply-adds); else on the meta device, where nothing is
+    computed whatever the size a header declares (but each operation costs more to dispatch)."""
+    work = sum(p.numel() for p in model.parameters()) * math.prod(shape[1:])
+    if work <= _REAL_CHECK_WORK:
+        model(torch.zeros((1, *shape)))
+    else:
+        copy.deepcopy(model).to("meta")(torch.zeros((1, *shape), device="meta"))
 
 
 def file_stats(path: str | Path) -> dict:

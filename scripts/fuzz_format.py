@@ -111,12 +111,13 @@ def fuzz(n: int, seed: int, time_limit: float, max_growth_mb: float, workdir: Pa
     counts: dict[str, Counter] = defaultdict(Counter)
     failures: list[dict] = []
     start = time.perf_counter()
-    baseline, max_case_s = peak_rss_mb(), 0.0  # the process with its base files, before any case
+    baseline, max_case_s, slowest = peak_rss_mb(), 0.0, None  # the process with its base files
     for i, (category, base, raw) in enumerate(cases(n, seed, bases)):
         before = peak_rss_mb()
         t0 = time.perf_counter()
         outcome, detail = run_case(raw, path, time_limit)
-        max_case_s = max(max_case_s, time.perf_counter() - t0)
+        if time.perf_counter() - t0 > max_case_s:
+            max_case_s, slowest = time.perf_counter() - t0, {"case": i, "category": category, "base": base}
         if outcome in ("ok", "format_error") and peak_rss_mb() - before > max_growth_mb:
             outcome, detail = "huge_allocation", f"peak memory grew {peak_rss_mb() - before:.0f} MB"
         counts[category][outcome] += 1
@@ -136,6 +137,7 @@ def fuzz(n: int, seed: int, time_limit: float, max_growth_mb: float, workdir: Pa
         # The process's peak memory above its baseline over every case (a high-water mark, so
         # it also counts what the first cases import), and the slowest case.
         "max_peak_mib": round(peak_rss_mb() - baseline, 1), "max_case_s": round(max_case_s, 3),
+        "slowest_case": slowest,
         "results": [{"category": c, "cases": sum(counts[c].values()),
                      **{o: counts[c][o] for o in OUTCOMES}} for c in MUTATORS if counts[c]],
         "failures": failures[:50],

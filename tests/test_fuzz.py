@@ -10,13 +10,14 @@ import random
 import re
 
 import fuzz_mutators
+import numpy as np
 import pytest
 from conftest import ROOT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from scn import format as fmt
-from scn.errors import FormatError
+from scn.errors import DataError, FormatError
 
 _spec = importlib.util.spec_from_file_location("fuzz_format", ROOT / "scripts" / "fuzz_format.py")
 fuzz_format = importlib.util.module_from_spec(_spec)
@@ -62,6 +63,43 @@ def test_out_of_range_exponents_and_non_finite_floats_are_refused():
         raw = fmt.serialize(fmt.Packed({**packed.tensors, **tensors}, packed.layers, packed.floats), rest)
         with pytest.raises(FormatError, match=match):
             fmt.decode(fmt.parse(raw)[1])
+
+
+def test_declared_sizes_are_bounded_by_the_file(case_path):
+    """Huge declared layers, inputs, layer counts and headers are refused before anything of
+    that size is allocated or computed."""
+    header, packed = fmt.parse(BASES["mixed"])
+    rest = {k: v for k, v in header.items() if k not in ("layers", "floats")}
+    layers = [dict(entry) for entry in packed.layers]
+    layers[0]["shape"] = [2**26] + [1] * (len(layers[0]["shape"]) - 1)
+    layers[0]["live_inputs"] = 1
+    codes = np.concatenate([packed.tensors["codes"], np.zeros(260_000, np.uint8)])
+    big = fmt.serialize(fmt.Packed({**packed.tensors, "codes": codes}, layers, packed.floats), rest)
+    with pytest.raises(FormatError, match="far more than"):
+        fmt.parse(big)
+    many = fmt.serialize(fmt.Packed(packed.tensors, packed.layers * 3_000, packed.floats), rest)
+    with pytest.raises(FormatError, match="beyond the format's limits"):
+        fmt.parse(many)
+    c = rest["dataset"]["input_shape"][0]
+    wide = _with_header(BASES["mixed"], lambda text: re.sub(r'"input_shape":\[[^]]*\]',
+                                                            f'"input_shape":[{c},1182,1182]', text))
+    case_path.write_bytes(wide)
+    with pytest.raises(FormatError, match="do not make a working model"):
+        fmt.load(case_path)  # the check runs on the meta device: no 1182x1182 convolution
+    huge = (1 << 40).to_bytes(8, "little") + BASES["mixed"][8:]  # still starts with "{"
+    with pytest.raises(FormatError, match="declares a header of"):
+        fmt.parse(huge)
+
+
+def test_a_synthetic_dataset_named_by_a_file_stays_small(tmp_path, capsys):
+    from scn import eval_cli
+
+    info = {"name": "synthetic", "input_shape": [1, 28, 28], "classes": ["c"] * 100_000}
+    with pytest.raises(DataError, match="beyond what scn-eval generates"):
+        eval_cli.load_dataset("synthetic", {"dataset": info})
+    with pytest.raises(DataError, match="beyond what scn-eval generates"):
+        eval_cli.load_dataset("synthetic", {"dataset": {**info, "classes": ["a", "b"],
+                                                        "input_shape": [3, 1000, 1000]}})
 
 
 @pytest.fixture(scope="module")
