@@ -121,6 +121,7 @@ def build_experiment(cfg: DictConfig) -> experiment.Experiment:
         data=data, model=model, scheme=scheme, schedule=schedule, trainer=trainer,
         seed=cfg.seed, config=OmegaConf.to_container(cfg, resolve=True),
     )
+    exp.check_fits()  # on the meta device: inputs that fit the model, memory that fits the device
     exp.build_model()  # milliseconds; a bad model setting fails here, before training starts
     return exp
 

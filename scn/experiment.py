@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from scn.errors import ConfigError, FormatError, ScnError
 from scn.methods import Method, quantize_
 from scn.report import machine
 from scn.run_folder import RunFolder
-from scn.train import TrainConfig, Trainer, TrainResult, learns_bits
+from scn.train import TrainConfig, Trainer, TrainResult, learns_bits, pick_device
 
 SUMMARY_KEYS = ("test_accuracy", "bits_per_weight", "float_bits_pct", "weights_left_pct",
                 "param_count", "wall_time_s", "status")
@@ -54,6 +55,40 @@ class Experiment:
         torch.manual_seed(self.seed)  # the same initial weights for every scheme
         model = self.model(in_channels=c, num_classes=self.data.num_classes, image_size=h)
         return quantize_(model, self.scheme)
+
+    def check_fits(self) -> None:
+        """Refuse, before anything is allocated, a model that cannot take the data's inputs or
+        cannot train in the device's memory: built and run on the meta device (nothing is
+        allocated), the estimate counts weights, gradients and AdamW's two moments, and each
+        layer's output at trainer.batch_size kept for the backward pass with its gradient."""
+        c, h, _ = self.data.input_shape
+        outputs: list[int] = []
+        try:
+            with torch.device("meta"):
+                model = quantize_(self.model(in_channels=c, num_classes=self.data.num_classes,
+                                             image_size=h), self.scheme)
+            hooks = [m.register_forward_hook(lambda m, i, o: outputs.append(o.numel()))
+                     for m in model.modules() if not list(m.children())]
+            with torch.no_grad():
+                model(torch.zeros((self.trainer.batch_size, *self.data.input_shape), device="meta"))
+        except (RuntimeError, ValueError, IndexError, ZeroDivisionError) as exc:
+            raise ConfigError(f"the model cannot take the dataset's inputs of shape "
+                              f"{list(self.data.input_shape)} ({str(exc).splitlines()[0]}). Check "
+                              "model.* against dataset.image_size (a smaller image leaves no pixels "
+                              "for the deeper layers).") from None
+        for hook in hooks:
+            hook.remove()
+        params = sum(p.numel() for p in model.parameters())
+        need = 4 * (4 * params + 2 * sum(outputs))  # float32 bytes
+        device = pick_device(self.trainer.device)
+        have = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+                else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        if need > have:
+            raise ConfigError(
+                f"this model has {params:,} parameters and needs about {need / 2**30:,.1f} GiB to "
+                f"train at trainer.batch_size={self.trainer.batch_size}, more than the "
+                f"{have / 2**30:,.1f} GiB of {device.type} memory here. Lower model.width (or "
+                "trainer.batch_size, or dataset.image_size).")
 
     def dataset_info(self) -> dict:
         return {"name": self.data.name, "classes": self.data.classes,

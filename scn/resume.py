@@ -130,7 +130,7 @@ def build_model(state: State) -> nn.Module:
     values = {k.removeprefix("model/"): v for k, v in state.tensors.items() if k.startswith("model/")}
     stored = sum(v.numel() * v.element_size() for v in state.tensors.values())
     model = checkpoint.rebuild(state.meta["model"], {k: tuple(v.shape) for k, v in values.items()},
-                               max_scalars=max(1 << 24, 1024 * stored))
+                               max_scalars=max(1 << 24, 64 * stored))
     try:
         model.load_state_dict(values, strict=True)
     except RuntimeError as exc:

@@ -52,6 +52,8 @@ def test_script_override_names_exist():
     (["trainer.surgery=sometimes"], "surgery"),
     (["model.width=0"], "width"),
     (["+quant.colour=red"], "quant"),
+    (["model.width=100000"], "GiB to train at trainer.batch_size=128, more than"),
+    (["dataset.image_size=3"], "cannot take the dataset's inputs of shape \\[1, 3, 3\\]"),
 ])
 def test_bad_values_raise_config_error(overrides, match):
     with pytest.raises(ConfigError, match=match):
