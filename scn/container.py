@@ -55,13 +55,24 @@ def write(save: Callable[..., bytes], tensors: dict, header: dict, allow_nan: bo
     metrics rows hold NaN; model files never do."""
     meta = {METADATA_KEY: json.dumps(header, separators=(",", ":"), allow_nan=allow_nan, default=_plain),
             CHECKSUM_KEY: "0" * 64}
-    raw = bytearray(save(tensors, metadata=meta))
+    raw = bytearray(_sorted_header(save(tensors, metadata=meta)))
     n = int.from_bytes(raw[:8], "little")
     found = list(_CHECKSUM_RE.finditer(raw, 8, 8 + n))
     assert len(found) == 1, "safetensors wrote the metadata in an unexpected way"
     start, end = found[0].span(1)
     raw[start:end] = hashlib.sha256(raw).hexdigest().encode()
     return bytes(raw)
+
+
+def _sorted_header(raw: bytes) -> bytes:
+    """`raw` with its safetensors header written with sorted keys: safetensors keeps metadata in
+    a hash map whose order changes from process to process, and a file should be a function of
+    its contents. Offsets count from the end of the header, so the data stays as it is."""
+    n = int.from_bytes(raw[:8], "little")
+    text = json.dumps(json.loads(raw[8:8 + n]), sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # padded with spaces to a multiple of 8, as safetensors does
+    return len(text).to_bytes(8, "little") + text + raw[8 + n:]
 
 
 def foreign(name: str, fmt: str, why: str) -> FormatError:
