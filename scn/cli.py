@@ -13,6 +13,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
@@ -25,6 +26,29 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 GROUPS = ("dataset", "model", "quant", "size_loss", "trainer")
 # Every top-level key configs/train.yaml composes; anything else is a typo (e.g. +colour=red).
 TOP_LEVEL = {"seed": int, "resume": bool}
+
+
+class CheckOutputFolder(Callback):
+    """Hydra callback (configs/train.yaml): make the run or sweep folder before Hydra does, so a
+    folder that cannot be written (a read-only file system, a path through a file) is a clear
+    error instead of Hydra's traceback."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        _make_folder(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        _make_folder(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+
+def _make_folder(folder: str, key: str) -> None:
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        probe = Path(folder) / ".scn-write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        fail(f"cannot write the run folder {folder}: {exc.strerror or exc}. Choose a folder you can "
+             f"write to with {key}=DIR (or make this one writable).")
 
 
 def register_defaults() -> None:

@@ -81,3 +81,15 @@ def test_bad_input_is_one_clear_error_and_leaves_nothing(tmp_path, args, match):
     assert match in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (out / "summary.json").exists() and not (out / "metrics.csv").exists()
+
+
+@pytest.mark.parametrize("mode", ["run", "sweep"])
+def test_an_unwritable_run_folder_is_a_clear_error(tmp_path, mode):
+    """A path through a file fails like a read-only file system: one paragraph, exit code 2."""
+    (tmp_path / "a_file").write_text("not a folder")
+    key = "hydra.run.dir" if mode == "run" else "hydra.sweep.dir"
+    args = ["dataset=synthetic", "trainer.max_steps=2", f"{key}={tmp_path / 'a_file' / 'run'}"]
+    proc = scn_train(*(["-m"] if mode == "sweep" else []), *args)
+    assert proc.returncode == 2
+    assert "cannot write the run folder" in proc.stderr and f"{key}=DIR" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -208,6 +208,23 @@ def test_damaged_training_files_are_format_errors(training_files, seed):
     assert state.step == 3
 
 
+def test_non_finite_values_in_a_model_checkpoint_are_refused(training_files, tmp_path):
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    from scn import checkpoint, container
+
+    model_file, _ = training_files
+    header, raw = container.read(model_file, checkpoint.CHECKPOINT_FORMAT, checkpoint.CHECKPOINT_VERSION)
+    state = st_load(raw)
+    key = next(k for k in state if k.endswith("running_var"))
+    state[key][0] = float("nan")
+    bad = tmp_path / "nan.safetensors"
+    bad.write_bytes(container.write(st_save, state, header))
+    with pytest.raises(FormatError, match=f"NaN or infinite values in {key}"):
+        checkpoint.load_checkpoint(bad)
+
+
 def test_fuzz_results_file_has_the_projects_shape():
     path = ROOT / "docs" / "results" / "fuzz.json"
     if not path.exists():
