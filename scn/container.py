@@ -30,7 +30,7 @@ METADATA_KEY = "scn"
 CHECKSUM_KEY = "scn_sha256"
 # The JSON headers of real files are a few KB (a 10,000-layer model's would be ~2 MB); a header
 # beyond this is refused before it is parsed, so parsing cost stays bounded.
-MAX_HEADER_BYTES = 16 << 20
+MAX_HEADER_BYTES = 4 << 20
 _CHECKSUM_RE = re.compile(rb'"scn_sha256"\s*:\s*"([0-9a-f]{64})"')
 # What each format is called in messages, and how to make one.
 KINDS = {

@@ -251,6 +251,23 @@ def special_number(rng: random.Random, raw: bytes) -> bytes:
     return _join(st_header, data)
 
 
+def large_declared(rng: random.Random, raw: bytes) -> bytes:
+    """A file padded with zero bytes whose header declares a huge layer (one of 2^20 to 2^30
+    weights, mostly at 0 bits), or lists its layers thousands of times; re-signed."""
+    header, packed = fmt.parse(raw)
+    rest = {k: v for k, v in header.items() if k not in ("layers", "floats")}
+    layers, tensors = [dict(entry) for entry in packed.layers], dict(packed.tensors)
+    if rng.random() < 0.5:
+        entry = rng.choice(layers)
+        entry["shape"] = [1 << rng.randint(20, 30)] + [1] * (len(entry["shape"]) - 1)
+        entry["live_inputs"] = 1
+        tensors["codes"] = np.concatenate([tensors["codes"], np.zeros(rng.choice([0, 4096, 262_144]),
+                                                                       np.uint8)])
+    else:
+        layers = layers * rng.choice([100, 2_500, 5_000])
+    return fmt.serialize(fmt.Packed(tensors, layers, packed.floats), rest)
+
+
 def deep_nesting(rng: random.Random, raw: bytes) -> bytes:
     """A header with a field nested thousands of levels deep (a recursion bomb); re-signed."""
     st_header, data = _split(raw)
@@ -269,7 +286,8 @@ MUTATORS: dict[str, Callable[[random.Random, bytes], bytes]] = {
     "splice": splice, "header_field": header_field, "tensor_values": tensor_values,
     "safetensors_table": safetensors_table, "raw_resigned": raw_resigned,
     "deep_nesting": deep_nesting, "special_number": special_number,
+    "large_declared": large_declared,
 }
 WEIGHTS = {"random_bytes": 1, "truncate": 1, "bit_flips": 1, "splice": 1, "header_field": 4,
            "tensor_values": 3, "safetensors_table": 2, "raw_resigned": 2, "deep_nesting": 0.3,
-           "special_number": 2}
+           "special_number": 2, "large_declared": 0.5}
