@@ -297,6 +297,7 @@ def _summary(exp: Experiment, rep: size.SizeReport, result: TrainResult, base: d
         "status": "finished",
         "step_time_s": result.step_time_s,
         "images_per_s": result.images_per_s,
+        "compile_time_s": result.compile_time_s,
         "steps": final["step"],
         "surgeries": result.surgeries,
         "ideal_bytes": rep.ideal_bytes,

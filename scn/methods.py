@@ -43,13 +43,15 @@ class SizeTerm:
         self.model = model
         self.learns_bits = learns_bits
         self.fixed = torch.zeros((), dtype=torch.float64)
+        self.plan: size.SizePlan | None = None
 
     def refresh(self, device: torch.device) -> None:
-        """After a surgery: the bits no trainable b can change, once per shape."""
+        """After a surgery: the bits no trainable b can change and Q's plan, once per shape."""
         self.fixed = size.fixed_bits(self.model).to(device)
+        self.plan = size.size_plan(self.model) if self.learns_bits else None
 
     def term(self) -> torch.Tensor | None:
-        return size.size_loss(self.model, self.fixed) if self.learns_bits else None
+        return size.size_loss(self.model, self.fixed, self.plan) if self.learns_bits else None
 
     def report(self) -> size.SizeReport:
         return size.report(self.model)

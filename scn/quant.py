@@ -149,6 +149,9 @@ class SCLayer:
         return cache[key]
 
     def _quantized_weight(self) -> torch.Tensor:
+        fused = self.__dict__.get("_scn_step")  # set by scn.fused for its model's forward pass
+        if fused is not None:
+            return fused
         w = self.weight
         if self.b is not None:
             w = quantize(w, self.b, self.e, self.round_bits)
@@ -283,6 +286,9 @@ def quantize_(model: nn.Module, method) -> nn.Module:
         new = _converted(layer, bits, method.learns_bits, method.round_bits)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
+    from scn import fused  # here: scn.fused builds on this module
+
+    fused.install(model)
     return model
 
 

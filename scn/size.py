@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from scn.quant import MAX_BITS, SCLayer, ceil_ste, round_ste, sc_layers
+from scn.quant import MAX_BITS, SCLayer, sc_layers
 from scn.reference import FREE_SUFFIXES as _FREE_SUFFIXES
 from scn.reference import Reference, reference_of  # noqa: F401 (re-exported)
 
@@ -74,26 +74,65 @@ def fixed_bits(model: nn.Module) -> torch.Tensor:
     return torch.tensor(float(total), dtype=torch.float64)
 
 
-def size_loss(model: nn.Module, fixed: torch.Tensor | None = None) -> torch.Tensor:
+@dataclass
+class SizePlan:
+    """What Q needs that changes only at surgery: the trainable bit depths and their weights."""
+
+    layers: list[SCLayer]  # quantized layers whose b trains
+    weight: torch.Tensor  # per output channel: live inputs x kernel size (float64, exact)
+    weight_b: torch.Tensor  # the same in b's dtype (the gradient's factor)
+    round_bits: bool
+    scalars: int
+
+
+def size_plan(model: nn.Module) -> SizePlan | None:
+    """The plan of `size_loss`; None when no layer's b trains."""
+    layers = [m for _, m in sc_layers(model) if m.quantized and m.b.requires_grad]
+    if not layers:
+        return None
+    per_channel = torch.cat([(_live_inputs(m) * m.kernel_numel()).expand(m.b.shape[0]).double()
+                             for m in layers])
+    return SizePlan(layers, per_channel, per_channel.to(layers[0].b.dtype), layers[0].round_bits,
+                    reference_of(model).scalars)
+
+
+class _SizeLoss(torch.autograd.Function):
+    """(plan, fixed, *bit depths) -> Q, with the straight-through gradient of stored bits."""
+
+    @staticmethod
+    def forward(ctx, plan: SizePlan, fixed: torch.Tensor, *bits: torch.Tensor) -> torch.Tensor:
+        b = torch.cat(bits)
+        stored = b.round() if plan.round_bits else b.ceil()  # what the file stores
+        clamped = stored.clamp(0, MAX_BITS)
+        ctx.inside = (stored > 0) & (stored < MAX_BITS)  # where the clamp passes a gradient
+        ctx.plan = plan
+        # Integers summed in float64 are exact, in any order: Q equals the per-layer sum.
+        total = torch.dot(clamped.double(), plan.weight) + fixed.to(b.device, torch.float64)
+        return total.to(b.dtype) / plan.scalars
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        plan = ctx.plan
+        g = torch.where(ctx.inside, (grad / plan.scalars) * plan.weight_b, 0.0)
+        return (None, None, *g.split([m.b.shape[0] for m in plan.layers]))
+
+
+def size_loss(model: nn.Module, fixed: torch.Tensor | None = None,
+              plan: SizePlan | None = None) -> torch.Tensor:
     """Q: the model's bits per original scalar, differentiable in every trainable b.
 
     Uses the integer bit depths the file stores (rounded with a straight-through estimator,
     so the gradient reaches the real b), hence Q equals `report(model).bits_per_weight`.
-    `fixed` is `fixed_bits(model)`, passed in by callers that cache it between surgeries.
+    `fixed` is `fixed_bits(model)` and `plan` is `size_plan(model)`, passed in by callers that
+    cache them between surgeries. Every layer's bit depths enter one function, a few operations
+    for the whole network.
     """
     ref = reference_of(model)
     fixed = fixed_bits(model) if fixed is None else fixed
-    total = None
-    for _, layer in sc_layers(model):
-        if not layer.quantized or not layer.b.requires_grad:
-            continue
-        b = round_ste(layer.b) if layer.round_bits else ceil_ste(layer.b)  # what the file stores
-        bits = b.clamp(min=0, max=MAX_BITS)
-        term = _live_inputs(layer).to(bits.dtype) * layer.kernel_numel() * bits.sum()
-        total = term if total is None else total + term
-    if total is None:
+    plan = size_plan(model) if plan is None else plan
+    if plan is None:
         return fixed.float() / ref.scalars
-    return (total + fixed.to(total.device, total.dtype)) / ref.scalars
+    return _SizeLoss.apply(plan, fixed, *(m.b for m in plan.layers))
 
 
 @dataclass

@@ -31,7 +31,8 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)  # one row per evaluation
     final: dict = field(default_factory=dict)
     wall_time_s: float = 0.0
-    step_time_s: float = 0.0  # mean training step, evaluation and surgery excluded
+    step_time_s: float = 0.0  # mean training step, evaluation, surgery and compilation excluded
+    compile_time_s: float = 0.0  # trainer.compile: the first step after each (re)compilation
     images_per_s: float = 0.0
     surgeries: int = 0
     paused: bool = False  # stopped after trainer.pause_after_steps, before the last step
@@ -110,6 +111,7 @@ class Trainer:
         self.result = TrainResult()
         self.elapsed_s = 0.0  # wall time spent on this run so far (by earlier processes too)
         self.other_s = 0.0  # of which evaluation and surgery: excluded from the step time
+        self.forward_compiled = False
         self._refresh()
 
     # ---------------------------------------------------------------------------- the loop
@@ -142,7 +144,14 @@ class Trainer:
         return self._finish(start)
 
     def _train_step(self, xb: torch.Tensor, yb: torch.Tensor, gamma: float) -> torch.Tensor:
+        t0 = time.perf_counter() if self.compile_due else 0.0
         loss, task, q = self.train_step(xb, yb, gamma)
+        if self.compile_due:  # torch.compile compiles on its first call: time it on its own
+            if self.cuda:
+                torch.cuda.synchronize(self.device)
+            self.compile_due = False
+            self.result.compile_time_s += time.perf_counter() - t0
+            self.other_s += time.perf_counter() - t0
         self.q_now = q if q is not None else self.q_now
         self.window.add(loss, task)
         self.pending.append({"step": self.step, "loss": loss, "task_loss": task,
@@ -205,8 +214,12 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         self.size.refresh(self.device)
         self.forward = self.model
-        if self.cfg.compile:
+        self.compile_due = self.cfg.compile
+        if self.cfg.compile:  # new shapes: compile again (the reference quantizer, which it fuses)
+            if self.forward_compiled:
+                torch.compiler.reset()  # or dynamo's recompile limit would fall back to eager
             self.forward = torch.compile(self.model)
+            self.forward_compiled = True
 
     def prune(self, physical: bool) -> int:
         surgery.settle_norms(self.model, self.graph)  # fold what training saw, not stale stats
@@ -315,6 +328,7 @@ class Trainer:
             "pending": [{k: float(v) for k, v in row.items()} for row in self.pending],
             "history": self.result.history, "surgeries": self.result.surgeries,
             "elapsed_s": self.elapsed_s, "other_s": self.other_s,
+            "compile_s": self.result.compile_time_s,
         }
         return {"tensors": {k: v.detach() for k, v in tensors.items()}, "meta": meta}
 
@@ -350,6 +364,7 @@ class Trainer:
         self.result.history = list(meta["history"])
         self.result.surgeries = int(meta["surgeries"])
         self.elapsed_s, self.other_s = float(meta["elapsed_s"]), float(meta["other_s"])
+        self.result.compile_time_s = float(meta.get("compile_s", 0.0))
 
     def _load_optimizer(self, t: dict[str, torch.Tensor]) -> None:
         """AdamW's per-parameter state, matched to the parameters by name."""
@@ -366,8 +381,9 @@ class Trainer:
                 raise ConfigError(f"the training state holds optimizer state for {name!r}, "
                                   "which this model does not train.")
             group = group_of[id(p)]
-            if slot == "step" and not (group.get("capturable") or group.get("fused")):
-                opt.state[p][slot] = value  # AdamW keeps its step count on the CPU
+            if slot == "step":  # a count: on the CPU, or with the parameter when fused
+                on_device = group.get("capturable") or group.get("fused")
+                opt.state[p][slot] = value.to(p.device) if on_device else value
                 continue
             if value.shape != p.shape:
                 raise ConfigError(f"the training state's {key} has shape {list(value.shape)} "
