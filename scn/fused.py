@@ -14,15 +14,18 @@ With u = w / 2^e clipped to [lo, hi] = [-2^(B-1), 2^(B-1) - 1], g the weight's g
     de = ln2 * 2^e * (sum g * codes - sum g * f * u)
     db = ln2 * 2^(B-1) * 2^e * (sum g * f_hi - sum g * f_lo)     (f_lo, f_hi: 1 beyond, 1/2 at)
 
-each sum over one output channel's weights, in the order autograd sums them. `quantize_`
-installs the function as a forward pre-hook of the model (`before_forward`); layers called on
-their own, and models under torch.compile (whose inductor fuses the reference), use the reference.
+each sum over one output channel's weights, in the order autograd sums them. The same
+function can also return the size term Q of scn.size (`prepare`, what the training loop
+calls), sharing its per-channel arithmetic. `quantize_` installs the function as a forward
+pre-hook of the model; layers called on their own, and models under torch.compile (whose
+inductor fuses the reference formulation), use the reference.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -44,10 +47,41 @@ class Plan:
     dims: list[tuple[int, ...]]  # the dimensions one output channel's weights span
     round_bits: bool
     key: tuple
+    buffers: list[torch.Tensor] = field(default_factory=list)  # per layer: [4, *weight.shape]
+    holder: weakref.ref | None = None  # the pass whose backward still needs `buffers`
+    stashed: tuple | None = None  # parameter versions the weights in the layers were made from
 
     @property
     def channels(self) -> int:
         return sum(self.sizes)
+
+    def params(self) -> list[torch.Tensor]:
+        return [m.weight for m in self.layers] + [m.b for m in self.layers] + [m.e for m in self.layers]
+
+    def versions(self) -> tuple:
+        return tuple(p._version for p in self.params())
+
+    def factor_buffers(self, ctx) -> list[torch.Tensor]:
+        """Per layer, room for the four per-weight factors the backward pass sums against, laid
+        out like the weight (so each channel sums in autograd's order). Reused from pass to pass,
+        except while a pass that holds them awaits its backward (two forwards, one backward)."""
+        owner = self.holder() if self.holder is not None else None
+        if owner is not None and not getattr(owner, "done", False):
+            return [_like_weight(m.weight, 4) for m in self.layers]
+        if not self.buffers:
+            self.buffers = [_like_weight(m.weight, 4) for m in self.layers]
+        self.holder = weakref.ref(ctx)
+        return self.buffers
+
+
+@dataclass
+class SizeInputs:
+    """What the size term adds: scn.size's plan (per-channel weights, scalars) and fixed bits."""
+
+    weight: torch.Tensor  # live inputs x kernel per channel, in the dtype Q is summed in
+    weight_b: torch.Tensor  # the same in b's dtype: the gradient's factor
+    fixed: torch.Tensor  # bits no trainable b changes, in the summing dtype
+    scalars: int
 
 
 def _key(layers: list) -> tuple:
@@ -73,7 +107,7 @@ def _build(layers: list, key: tuple) -> Plan | None:
     if not layers:
         return None
     kinds = {(m.weight.dtype, m.b.dtype, m.e.dtype, m.weight.device, m.round_bits) for m in layers}
-    if len(kinds) > 1 or layers[0].weight.dtype != layers[0].b.dtype:
+    if len(kinds) > 1 or len({layers[0].weight.dtype, layers[0].b.dtype, layers[0].e.dtype}) > 1:
         return None
     masks = []
     for m in layers:
@@ -85,73 +119,107 @@ def _build(layers: list, key: tuple) -> Plan | None:
 
 
 class _Quantize(torch.autograd.Function):
-    """(plan, *weights, *bit depths, *exponents) -> every layer's quantized, masked weight."""
+    """(plan, size inputs or None, train, *weights, *bit depths, *exponents) -> every layer's
+    quantized, masked weight (and Q when size inputs are given)."""
 
     @staticmethod
-    def forward(ctx, plan: Plan, *params: torch.Tensor):
-        n, sizes = len(plan.sizes), plan.sizes
-        weights, bits, exponents = params[:n], params[n:2 * n], params[2 * n:]
-        c = plan.channels
-        b = torch.cat(bits).view(c, 1, 1, 1)
+    def forward(ctx, plan: Plan, size: SizeInputs | None, train: bool, *params: torch.Tensor):
+        n, sizes, c = len(plan.sizes), plan.sizes, plan.channels
+        per_channel = torch.cat(params[n:]).view(2, c, 1, 1, 1)
         if plan.round_bits:
-            b = b.round()
-        below_max = b < MAX_BITS  # where the reference's clamp passes b's gradient (not at 16)
-        b = b.clamp(max=MAX_BITS)
-        scale = torch.exp2(torch.cat(exponents).view(c, 1, 1, 1).round())
+            bits, exponent = per_channel.round().unbind(0)
+            raw_bits = None
+        else:
+            raw_bits, exponent = per_channel.unbind(0)
+            bits, exponent = raw_bits, exponent.round()
+        below_max = bits < MAX_BITS  # where the reference's clamp passes b's gradient (not at 16)
+        bits = bits.clamp(0, MAX_BITS)  # below 1 bit every channel is dead alike
+        scale = torch.exp2(exponent)
         if plan.round_bits:  # 2^(integer) is exact however exp2 is evaluated
-            half = torch.exp2(b - 1)
+            half = torch.exp2(bits - 1)
         else:  # a real b: evaluate exp2 on the reference's lengths (vector and scalar paths differ)
-            half = torch.cat([torch.exp2(x - 1) for x in b.split(sizes)])
-        live = b > 0
-        neg_half = -half
-        # A dead channel's bounds are 0, so its codes are exact zeros, as the reference's where.
-        lo = torch.where(live, neg_half, 0.0)
-        hi = torch.where(live, half - 1, 0.0)
-        per_layer = [_pieces(t, sizes, plan) for t in (scale, lo, hi)]
-        scales, los, his = per_layer
-        u = torch._foreach_div(weights, scales)
+            half = torch.cat([torch.exp2(x - 1) for x in bits.split(sizes)])
+        live = bits > 0
+        # A dead channel's bounds are 0, so its codes, and all its gradients, are zeros.
+        live_half = half * live
+        lo = -live_half
+        hi = (half - 1) * live
+        scales, los, his = (_pieces(t, sizes, plan) for t in (scale, lo, hi))
+        u = torch._foreach_div(params[:n], scales)
         clipped = torch._foreach_clamp_min(u, los)
         torch._foreach_clamp_max_(clipped, his)
         codes = torch._foreach_round(clipped)
         out = torch._foreach_mul(codes, scales)
         torch._foreach_mul_(out, plan.masks)
-        if any(ctx.needs_input_grad[1:]):
-            below = torch._foreach_sub(u, los)  # sign: -1 below lo, 0 at lo, 1 above
-            torch._foreach_sign_(below)
-            above = torch._foreach_sub(u, his)
-            torch._foreach_sign_(above)
-            inside = torch._foreach_sub(below, above)  # 2f
-            torch._foreach_mul_(inside, 0.5)
-            ctx.f, ctx.fu, ctx.codes = inside, torch._foreach_mul(inside, u), codes
-            torch._foreach_neg_(below)
-            torch._foreach_add_(below, 1.0)  # 2 f_lo
-            torch._foreach_add_(above, 1.0)  # 2 f_hi
-            ctx.lo2, ctx.hi2 = below, above
-            ctx.live = _pieces(live.to(b.dtype), sizes, plan)
-            flat_scale = scale.view(c)
-            ctx.scale, ctx.half_scale = flat_scale, flat_scale * 0.5
-            ctx.signed_half = torch.stack([neg_half.view(c), half.view(c)])
-            ctx.below_max = below_max.view(c)
-        ctx.plan = plan
-        return tuple(out)
+        ctx.plan, ctx.size, ctx.train = plan, size, train
+        if train:
+            _save_factors(ctx, plan, u, codes, los, his)
+            ctx.scale = scale.view(c)
+            # d/db of -2^(B-1) and 2^(B-1) - 1, times 2^e / 2 (f_lo, f_hi are doubled), where the
+            # clamp passes a gradient, 0 in a dead channel. All powers of two: exact.
+            ctx.bound_factor = (torch.stack([lo, live_half]) * (scale * 0.5 * below_max)).view(2, c)
+        if size is None:
+            return tuple(out)
+        if plan.round_bits:  # what the file stores, and where Q's clamp passes a gradient
+            stored, inside = bits, live & below_max
+        else:
+            stored = raw_bits.ceil()
+            inside = (stored > 0) & (stored < MAX_BITS)
+            stored = stored.clamp(0, MAX_BITS)
+        ctx.inside = inside.view(c)
+        # Integers summed exactly (scn.size picks the dtype): equal to a per-layer sum.
+        total = torch.dot(stored.view(c).to(size.weight.dtype), size.weight)
+        return (*out, (total + size.fixed).to(scale.dtype) / size.scalars)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
-        plan = ctx.plan
+        plan, size = ctx.plan, ctx.size
         n, sizes = len(plan.sizes), plan.sizes
-        g = torch._foreach_mul(grads, plan.masks)
-        torch._foreach_mul_(g, ctx.live)
-        dw = torch._foreach_mul(g, ctx.f) if any(ctx.needs_input_grad[1:n + 1]) else [None] * n
-        products = [torch._foreach_mul(g, t) for t in (ctx.codes, ctx.fu, ctx.lo2, ctx.hi2)]
-        # One sum per layer and quantity: the order autograd's broadcast reductions sum in.
-        sums = [p.sum(dim) for part in products for p, dim in zip(part, plan.dims, strict=True)]
-        r = torch.cat(sums).view(4, plan.channels)
-        de = (r[0] - r[1]) * ctx.scale * LN2
-        db = None
-        if any(ctx.needs_input_grad[n + 1:2 * n + 1]):
-            db = ((r[2:] * ctx.half_scale) * ctx.signed_half * LN2).sum(0)
-            db = torch.where(ctx.below_max, db, 0.0).split(sizes)
-        return (None, *dw, *(db or [None] * n), *de.split(sizes))
+        g = torch._foreach_mul(grads[:n], plan.masks)
+        dw = torch._foreach_mul(g, ctx.f) if any(ctx.needs_input_grad[3:3 + n]) else [None] * n
+        if [buf._version for buf in ctx.factors] != ctx.versions:
+            raise RuntimeError("scn.fused: a forward pass of this model ran after the one being "
+                               "differentiated had already been differentiated once; call "
+                               "backward once per forward pass (retain_graph is not supported).")
+        ctx.done = True  # the factor buffers may serve the next forward pass
+        # Each channel's four sums over its weights, in the order autograd's reductions sum.
+        products = torch._foreach_mul(g, ctx.factors)
+        r = torch.cat([p.sum(tuple(d + 1 for d in dim))
+                       for p, dim in zip(products, plan.dims, strict=True)], dim=1)
+        r_codes, r_fu, _, _ = r.unbind(0)
+        de = (r_codes - r_fu) * ctx.scale * LN2
+        db = [None] * n
+        if any(ctx.needs_input_grad[3 + n:3 + 2 * n]):
+            db = (r[2:] * ctx.bound_factor * LN2).sum(0)
+            if size is not None:  # Q's gradient, added as autograd adds a second use of b
+                db = db + (grads[n] / size.scalars) * size.weight_b * ctx.inside
+            db = db.split(sizes)
+        return (None, None, None, *dw, *db, *de.split(sizes))
+
+
+def _save_factors(ctx, plan: Plan, u, codes, los, his) -> None:
+    """What the backward pass multiplies the weight gradients with: f for dw, and for the four
+    per-channel sums codes, f * u, 2 f_lo and 2 f_hi (exact small integers and halves)."""
+    below = torch._foreach_sub(los, u)  # sign: 1 below lo, 0 at lo, -1 above
+    torch._foreach_sign_(below)
+    above = torch._foreach_sub(u, his)  # sign: -1 below hi, 0 at hi, 1 above
+    torch._foreach_sign_(above)
+    inside = torch._foreach_add(below, above)  # -2f (0 in a dead channel: lo = hi)
+    torch._foreach_mul_(inside, -0.5)
+    fu = torch._foreach_mul(inside, u)
+    torch._foreach_add_(below, 1.0)  # 2 f_lo
+    torch._foreach_add_(above, 1.0)  # 2 f_hi
+    ctx.f, ctx.factors = inside, plan.factor_buffers(ctx)
+    for buf, parts in zip(ctx.factors, zip(codes, fu, below, above, strict=True), strict=True):
+        torch.stack(parts, out=buf)
+    ctx.versions = [buf._version for buf in ctx.factors]
+
+
+def _like_weight(w: torch.Tensor, n: int) -> torch.Tensor:
+    """An empty [n, *w.shape] whose every [i] has w's memory order."""
+    order = sorted(range(w.dim()), key=lambda d: -w.stride(d))
+    base = torch.empty((n,) + tuple(w.shape[d] for d in order), dtype=w.dtype, device=w.device)
+    return base.permute(0, *[order.index(d) + 1 for d in range(w.dim())])
 
 
 def _pieces(t: torch.Tensor, sizes: list[int], plan: Plan) -> list[torch.Tensor]:
@@ -163,12 +231,29 @@ def _pieces(t: torch.Tensor, sizes: list[int], plan: Plan) -> list[torch.Tensor]
     return pieces
 
 
-def quantized_weights(plan: Plan) -> tuple[torch.Tensor, ...]:
-    """Every planned layer's quantized, masked weight, each in its parameter's memory layout."""
-    params = [m.weight for m in plan.layers] + [m.b for m in plan.layers] + [m.e for m in plan.layers]
-    out = _Quantize.apply(plan, *params)
-    return tuple(w if w.stride() == m.weight.stride() else torch.empty_like(m.weight).copy_(w)
-                 for w, m in zip(out, plan.layers, strict=True))
+def quantized_weights(plan: Plan, size: SizeInputs | None = None) -> tuple[torch.Tensor, ...]:
+    """Every planned layer's quantized, masked weight, each in its parameter's memory layout
+    (then Q, when `size` is given)."""
+    params = plan.params()
+    train = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+    out = _Quantize.apply(plan, size, train, *params)
+    n = len(plan.layers)
+    weights = tuple(w if w.stride() == m.weight.stride() else torch.empty_like(m.weight).copy_(w)
+                    for w, m in zip(out[:n], plan.layers, strict=True))
+    return weights + tuple(out[n:])
+
+
+def prepare(model: nn.Module, size: SizeInputs, learning: list) -> torch.Tensor | None:
+    """Quantize every layer for the model's next forward pass and return Q from the same
+    function; None when the model's layers do not fit one function with Q (then use scn.size)."""
+    plan = plan_of(model)
+    if plan is None or [id(m) for m in plan.layers] != [id(m) for m in learning]:
+        return None
+    *weights, q = quantized_weights(plan, size)
+    for m, w in zip(plan.layers, weights, strict=True):
+        m.__dict__[_STEP] = w
+    plan.stashed = plan.versions()
+    return q
 
 
 def before_forward(model: nn.Module, args) -> None:
@@ -181,6 +266,8 @@ def before_forward(model: nn.Module, args) -> None:
     frozen = plan.layers[0].__dict__.get("_scn_frozen")
     if frozen is not None and "weight" in frozen:
         return  # inside scn.quant.frozen: computed once already
+    if plan.stashed is not None and plan.stashed == plan.versions():
+        return  # `prepare` made them from the parameters as they are
     for m, w in zip(plan.layers, quantized_weights(plan), strict=True):
         m.__dict__[_STEP] = w
 
@@ -190,12 +277,13 @@ def after_forward(model: nn.Module, args, output) -> None:
     if torch.compiler.is_compiling():
         return
     plan = model.__dict__.get(_PLAN)
-    for m in plan.layers if plan is not None else ():
-        m.__dict__.pop(_STEP, None)
+    if plan is not None:
+        plan.stashed = None
+        for m in plan.layers:
+            m.__dict__.pop(_STEP, None)
 
 
 def install(model: nn.Module) -> None:
     """Make every forward pass of `model` quantize its layers with the fused function."""
     model.register_forward_pre_hook(before_forward)
     model.register_forward_hook(after_forward, always_call=True)
-

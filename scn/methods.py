@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from scn import size
+from scn import fused, size
 from scn.errors import ConfigError
 from scn.quant import MAX_BITS, quantize_
 
@@ -44,14 +44,25 @@ class SizeTerm:
         self.learns_bits = learns_bits
         self.fixed = torch.zeros((), dtype=torch.float64)
         self.plan: size.SizePlan | None = None
+        self.fused_inputs = None
+        self.fuse = True  # Q from the quantizer's function (False under torch.compile)
 
     def refresh(self, device: torch.device) -> None:
         """After a surgery: the bits no trainable b can change and Q's plan, once per shape."""
         self.fixed = size.fixed_bits(self.model).to(device)
         self.plan = size.size_plan(self.model) if self.learns_bits else None
+        self.fused_inputs = size.fused_inputs(self.plan, self.fixed) if self.plan else None
 
     def term(self) -> torch.Tensor | None:
-        return size.size_loss(self.model, self.fixed, self.plan) if self.learns_bits else None
+        """Q, before the forward pass: computed with the layers' quantized weights, by one
+        function (scn.fused.prepare), whose weights that forward pass then uses."""
+        if not self.learns_bits:
+            return None
+        if self.fuse and self.plan is not None:
+            q = fused.prepare(self.model, self.fused_inputs, self.plan.layers)
+            if q is not None:
+                return q
+        return size.size_loss(self.model, self.fixed, self.plan)
 
     def report(self) -> size.SizeReport:
         return size.report(self.model)

@@ -117,6 +117,18 @@ class _SizeLoss(torch.autograd.Function):
         return (None, None, *g.split([m.b.shape[0] for m in plan.layers]))
 
 
+def fused_inputs(plan: SizePlan, fixed: torch.Tensor):
+    """Q's part of scn.fused's function: summed in b's dtype where every possible total is an
+    exact integer there (as the per-layer sum is), else in float64."""
+    from scn.fused import SizeInputs
+
+    dtype = plan.weight_b.dtype
+    limit = 2.0 ** (24 if dtype == torch.float32 else 53)  # integers exact below this
+    exact = float(plan.weight.sum()) * MAX_BITS + float(fixed) <= limit
+    dtype = dtype if exact else torch.float64
+    return SizeInputs(plan.weight.to(dtype), plan.weight_b, fixed.to(dtype), plan.scalars)
+
+
 def size_loss(model: nn.Module, fixed: torch.Tensor | None = None,
               plan: SizePlan | None = None) -> torch.Tensor:
     """Q: the model's bits per original scalar, differentiable in every trainable b.

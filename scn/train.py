@@ -95,6 +95,7 @@ class Trainer:
         self.optimizer = optim.make_optimizer(self.model, cfg)
         # The size term; a plugin method may add its own parameter group, before the scheduler.
         self.size = method.attach(self.model, self.optimizer)
+        self.size.fuse = not cfg.compile
         self.scheduler = optim.scheduler(self.optimizer, self.model, self.total_steps, cfg)
         self.graph = None
         if cfg.surgery != "off" and cfg.prune_every and learn_bits:
@@ -254,9 +255,9 @@ class Trainer:
         Nothing returned holds the autograd graph: a graph kept alive across a surgery would
         pin the old parameter shapes in its gradient accumulators.
         """
+        q = self.size.term()  # first: it may quantize the weights the forward pass uses
         with bf16_autocast(self.device, self.cfg.amp):
             task = F.cross_entropy(self.forward(xb), yb)
-        q = self.size.term()
         loss = task if q is None else task + gamma * q
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

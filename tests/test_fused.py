@@ -136,6 +136,29 @@ def test_fused_bit_depth_group_updates_like_the_default_adamw():
         assert same_bits(a.detach(), b.detach()), name
 
 
+def test_a_training_step_equals_the_reference_step_bit_for_bit():
+    """Q from the quantizer's own function (what the trainer calls), the forward pass, the loss
+    and every parameter's gradient, against the per-layer reference with the per-layer Q."""
+    model, layers = hard_model("ResNet9", torch.float32, True, True, 0)
+    x, y = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last), torch.arange(4)
+    fixed = size.fixed_bits(model)
+    plan = size.size_plan(model)
+    q = fused.prepare(model, size.fused_inputs(plan, fixed), plan.layers)
+    loss = F.cross_entropy(model(x), y) + 0.1 * q
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    hooks = model._forward_pre_hooks.copy()
+    model._forward_pre_hooks.clear()  # the reference: each layer quantizes itself
+    ref = F.cross_entropy(model(x), y) + 0.1 * reference_size_loss(model, fixed)
+    ref.backward()
+    model._forward_pre_hooks.update(hooks)
+    assert same_bits(q.detach(), reference_size_loss(model, fixed).detach())
+    assert same_bits(loss.detach(), ref.detach())
+    for n, p in model.named_parameters():
+        assert same_bits(got[n], p.grad), n
+
+
 def test_model_forward_uses_the_fused_weights_and_keeps_them_for_that_pass_only():
     model, layers = hard_model("ResNet9", torch.float32, True, True, 0)
     model.eval()
