@@ -43,11 +43,12 @@ class Plan:
 
     layers: list  # the quantized scn.quant.SCLayer modules, in model order
     sizes: list[int]  # output channels per layer
-    masks: list[torch.Tensor]  # live inputs, as the weight's dtype, broadcastable to the weight
+    masks: list[torch.Tensor] | None  # live inputs as the weight's dtype; None when all live
     dims: list[tuple[int, ...]]  # the dimensions one output channel's weights span
     round_bits: bool
     key: tuple
     buffers: list[torch.Tensor] = field(default_factory=list)  # per layer: [4, *weight.shape]
+    slots: list[list[torch.Tensor]] = field(default_factory=list)  # [k][layer]: buffers[layer][k]
     holder: weakref.ref | None = None  # the pass whose backward still needs `buffers`
     stashed: tuple | None = None  # parameter versions the weights in the layers were made from
 
@@ -61,17 +62,23 @@ class Plan:
     def versions(self) -> tuple:
         return tuple(p._version for p in self.params())
 
-    def factor_buffers(self, ctx) -> list[torch.Tensor]:
+    def factor_buffers(self, ctx) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
         """Per layer, room for the four per-weight factors the backward pass sums against, laid
-        out like the weight (so each channel sums in autograd's order). Reused from pass to pass,
-        except while a pass that holds them awaits its backward (two forwards, one backward)."""
+        out like the weight (so each channel sums in autograd's order), and the four lists of
+        per-layer slots in it. Reused from pass to pass, except while a pass that holds them
+        awaits its backward (two forwards, then one backward)."""
         owner = self.holder() if self.holder is not None else None
         if owner is not None and not getattr(owner, "done", False):
-            return [_like_weight(m.weight, 4) for m in self.layers]
+            return _factor_buffers(self.layers)
         if not self.buffers:
-            self.buffers = [_like_weight(m.weight, 4) for m in self.layers]
+            self.buffers, self.slots = _factor_buffers(self.layers)
         self.holder = weakref.ref(ctx)
-        return self.buffers
+        return self.buffers, self.slots
+
+
+def _factor_buffers(layers: list) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+    buffers = [_like_weight(m.weight, 4) for m in layers]
+    return buffers, [[buf[k] for buf in buffers] for k in range(4)]
 
 
 @dataclass
@@ -113,6 +120,8 @@ def _build(layers: list, key: tuple) -> Plan | None:
     for m in layers:
         shape = (1, -1) + (1,) * (m.weight.dim() - 2)
         masks.append(m.in_alive.view(shape).to(m.weight.dtype))
+    if all(bool(m.in_alive.all()) for m in layers):  # once per plan: multiplying by 1 is exact
+        masks = None
     return Plan(layers=layers, sizes=[m.weight.shape[0] for m in layers], masks=masks,
                 dims=[tuple(range(1, m.weight.dim())) for m in layers],
                 round_bits=layers[0].round_bits, key=key)
@@ -125,7 +134,7 @@ class _Quantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: Plan, size: SizeInputs | None, train: bool, *params: torch.Tensor):
         n, sizes, c = len(plan.sizes), plan.sizes, plan.channels
-        per_channel = torch.cat(params[n:]).view(2, c, 1, 1, 1)
+        per_channel = torch.cat(params[n:]).view(2, c)
         if plan.round_bits:
             bits, exponent = per_channel.round().unbind(0)
             raw_bits = None
@@ -138,44 +147,47 @@ class _Quantize(torch.autograd.Function):
         if plan.round_bits:  # 2^(integer) is exact however exp2 is evaluated
             half = torch.exp2(bits - 1)
         else:  # a real b: evaluate exp2 on the reference's lengths (vector and scalar paths differ)
-            half = torch.cat([torch.exp2(x - 1) for x in bits.split(sizes)])
-        live = bits > 0
+            half = torch.cat([torch.exp2(x.view(-1, 1, 1, 1) - 1) for x in bits.split(sizes)]).view(c)
+        live = torch.sign(bits)  # 1 where the channel is live, 0 where dead (bits >= 0 here)
         # A dead channel's bounds are 0, so its codes, and all its gradients, are zeros.
         live_half = half * live
         lo = -live_half
-        hi = (half - 1) * live
-        scales, los, his = (_pieces(t, sizes, plan) for t in (scale, lo, hi))
+        hi = live_half - live
+        scales, los, his = (_pieces(t.view(c, 1, 1, 1), sizes, plan) for t in (scale, lo, hi))
         u = torch._foreach_div(params[:n], scales)
         clipped = torch._foreach_clamp_min(u, los)
         torch._foreach_clamp_max_(clipped, his)
-        codes = torch._foreach_round(clipped)
-        out = torch._foreach_mul(codes, scales)
-        torch._foreach_mul_(out, plan.masks)
         ctx.plan, ctx.size, ctx.train = plan, size, train
         if train:
-            _save_factors(ctx, plan, u, codes, los, his)
-            ctx.scale = scale.view(c)
+            codes = _save_factors(ctx, plan, u, clipped, los, his)
+        else:
+            codes = torch._foreach_round(clipped)
+        out = torch._foreach_mul(codes, scales)
+        if plan.masks is not None:
+            torch._foreach_mul_(out, plan.masks)
+        if train:
+            ctx.scale = scale
             # d/db of -2^(B-1) and 2^(B-1) - 1, times 2^e / 2 (f_lo, f_hi are doubled), where the
             # clamp passes a gradient, 0 in a dead channel. All powers of two: exact.
-            ctx.bound_factor = (torch.stack([lo, live_half]) * (scale * 0.5 * below_max)).view(2, c)
+            ctx.bound_factor = torch.stack([lo, live_half]) * (scale * 0.5 * below_max)
         if size is None:
             return tuple(out)
         if plan.round_bits:  # what the file stores, and where Q's clamp passes a gradient
-            stored, inside = bits, live & below_max
+            stored, inside = bits, live * below_max
         else:
             stored = raw_bits.ceil()
             inside = (stored > 0) & (stored < MAX_BITS)
             stored = stored.clamp(0, MAX_BITS)
-        ctx.inside = inside.view(c)
+        ctx.inside = inside
         # Integers summed exactly (scn.size picks the dtype): equal to a per-layer sum.
-        total = torch.dot(stored.view(c).to(size.weight.dtype), size.weight)
+        total = torch.dot(stored.to(size.weight.dtype), size.weight)
         return (*out, (total + size.fixed).to(scale.dtype) / size.scalars)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
         plan, size = ctx.plan, ctx.size
         n, sizes = len(plan.sizes), plan.sizes
-        g = torch._foreach_mul(grads[:n], plan.masks)
+        g = grads[:n] if plan.masks is None else torch._foreach_mul(grads[:n], plan.masks)
         dw = torch._foreach_mul(g, ctx.f) if any(ctx.needs_input_grad[3:3 + n]) else [None] * n
         if [buf._version for buf in ctx.factors] != ctx.versions:
             raise RuntimeError("scn.fused: a forward pass of this model ran after the one being "
@@ -197,22 +209,35 @@ class _Quantize(torch.autograd.Function):
         return (None, None, None, *dw, *db, *de.split(sizes))
 
 
-def _save_factors(ctx, plan: Plan, u, codes, los, his) -> None:
+def _save_factors(ctx, plan: Plan, u, clipped, los, his) -> list[torch.Tensor]:
     """What the backward pass multiplies the weight gradients with: f for dw, and for the four
-    per-channel sums codes, f * u, 2 f_lo and 2 f_hi (exact small integers and halves)."""
-    below = torch._foreach_sub(los, u)  # sign: 1 below lo, 0 at lo, -1 above
+    per-channel sums codes, f * u, 2 f_lo and 2 f_hi (exact small integers and halves), written
+    into the factor buffers. Returns the codes (round(clipped)), which live there."""
+    ctx.factors, (codes, fu, below, above) = plan.factor_buffers(ctx)
+    torch._foreach_copy_(below, los)
+    torch._foreach_sub_(below, u)  # lo - u, whose sign is 1 below lo, 0 at lo, -1 above
     torch._foreach_sign_(below)
-    above = torch._foreach_sub(u, his)  # sign: -1 below hi, 0 at hi, 1 above
+    torch._foreach_copy_(above, u)
+    torch._foreach_sub_(above, his)  # u - hi: -1 below hi, 0 at hi, 1 above
     torch._foreach_sign_(above)
     inside = torch._foreach_add(below, above)  # -2f (0 in a dead channel: lo = hi)
     torch._foreach_mul_(inside, -0.5)
-    fu = torch._foreach_mul(inside, u)
+    torch._foreach_copy_(fu, u)
+    torch._foreach_mul_(fu, inside)
     torch._foreach_add_(below, 1.0)  # 2 f_lo
     torch._foreach_add_(above, 1.0)  # 2 f_hi
-    ctx.f, ctx.factors = inside, plan.factor_buffers(ctx)
-    for buf, parts in zip(ctx.factors, zip(codes, fu, below, above, strict=True), strict=True):
-        torch.stack(parts, out=buf)
+    torch._foreach_copy_(codes, clipped)
+    torch._foreach_round_(codes)
+    ctx.f = inside
     ctx.versions = [buf._version for buf in ctx.factors]
+    return codes
+
+
+def _in_layout_of(w: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`w` with the parameter's strides, which the convolution's choice of kernel follows: with
+    one input channel an elementwise result may come back NCHW where the weight is
+    channels-last, and would send the convolution down the slower NCHW path."""
+    return w if w.stride() == weight.stride() else torch.empty_like(weight).copy_(w)
 
 
 def _like_weight(w: torch.Tensor, n: int) -> torch.Tensor:
@@ -238,8 +263,7 @@ def quantized_weights(plan: Plan, size: SizeInputs | None = None) -> tuple[torch
     train = torch.is_grad_enabled() and any(p.requires_grad for p in params)
     out = _Quantize.apply(plan, size, train, *params)
     n = len(plan.layers)
-    weights = tuple(w if w.stride() == m.weight.stride() else torch.empty_like(m.weight).copy_(w)
-                    for w, m in zip(out[:n], plan.layers, strict=True))
+    weights = tuple(_in_layout_of(w, m.weight) for w, m in zip(out[:n], plan.layers, strict=True))
     return weights + tuple(out[n:])
 
 

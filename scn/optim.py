@@ -20,15 +20,92 @@ from scn.quant import quant_parameters, weight_parameters
 def make_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     """AdamW for the weights; b and e in their own group: their own lr, no weight decay.
 
-    `cfg` is a scn.train.TrainConfig (its lr, lr_quant and weight_decay). The b and e group
-    runs fused (one kernel for every small per-channel tensor, where the default would issue a
-    dozen operations per tensor); its updates equal the default implementation's bit for bit.
+    `cfg` is a scn.train.TrainConfig (its lr, lr_quant and weight_decay). The b and e group is
+    updated with foreach operations (`AdamW` below), bit for bit as torch's default would.
     """
     groups = [{"params": weight_parameters(model), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
     quant = quant_parameters(model)
     if quant:
-        groups.append({"params": quant, "lr": cfg.lr_quant, "weight_decay": 0.0, "fused": True})
-    return torch.optim.AdamW(groups)
+        groups.append({"params": quant, "lr": cfg.lr_quant, "weight_decay": 0.0, "shared_step": True})
+    return AdamW(groups)
+
+
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW, except for groups marked `shared_step`: their parameters (many small
+    per-channel tensors, all stepped together) are updated with one foreach operation per line
+    of the algorithm for the whole group, where torch's CPU default issues a dozen operations per
+    tensor and its fused kernel rounds differently. Same arithmetic in the same order as torch's
+    single-tensor AdamW, so the same bits; the state (step, exp_avg, exp_avg_sq per parameter)
+    is torch's, so surgery, checkpoints and resume treat it alike."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        groups = self.param_groups
+        shared = [g for g in groups if g.get("shared_step")]
+        self.param_groups = [g for g in groups if not g.get("shared_step")]
+        try:
+            loss = super().step(closure)
+        finally:
+            self.param_groups = groups
+        for group in shared:
+            self._shared_step(group)
+        return loss
+
+    def _shared_step(self, group: dict) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        for p in params:
+            state = self.state[p]
+            if not state:  # as torch.optim.AdamW initialises it
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        states = [self.state[p] for p in params]
+        step = self._count(id(group), [st["step"] for st in states])
+        beta1, beta2 = group["betas"]
+        lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
+        grads = [p.grad for p in params]
+        exp_avgs, exp_avg_sqs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
+        if decay != 0:
+            torch._foreach_mul_(params, 1 - lr * decay)
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        step_size = lr / (1 - beta1**step)
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, (1 - beta2**step) ** 0.5)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(params, exp_avgs, denom, value=-step_size)
+
+    def _count(self, group: int, steps: list[torch.Tensor]) -> float:
+        """The group's new step count. It is kept on the host and written into the state's
+        `step` tensors only when the state is read (`sync_steps`), not each step: one operation
+        fewer per step, and no device sync on a GPU. Read from the state after a state load."""
+        counts = self.__dict__.setdefault("_scn_counts", {})
+        known = counts.get(group)
+        if known is None or known[0] is not steps[0] or known[2] != len(steps):
+            count = float(steps[0])
+            if any(float(s) != count for s in steps):
+                raise RuntimeError("scn.optim.AdamW: a shared_step group's parameters have "
+                                   "different step counts")
+        else:
+            count = known[1]
+        counts[group] = (steps[0], count + 1, len(steps))
+        return count + 1
+
+    def sync_steps(self) -> None:
+        """Write the shared step counts into the state (before anything reads or saves it)."""
+        for group in self.param_groups:
+            known = self.__dict__.get("_scn_counts", {}).get(id(group))
+            if group.get("shared_step") and known is not None:
+                for p in group["params"]:
+                    if "step" in self.state.get(p, {}):
+                        self.state[p]["step"].fill_(known[1])
+
+    def state_dict(self) -> dict:
+        self.sync_steps()
+        return super().state_dict()
 
 
 def lr_factor(step: int, total: int, warmup: float) -> float:

@@ -312,6 +312,8 @@ class Trainer:
         generator as the epoch began), window/loss, window/task, window/q. The gamma and lr
         schedules are functions of the step, so the step restores them.
         """
+        if hasattr(self.optimizer, "sync_steps"):
+            self.optimizer.sync_steps()  # scn.optim.AdamW keeps shared step counts on the host
         names = {id(p): n for n, p in self.model.named_parameters()}
         tensors = {f"model/{k}": v for k, v in self.model.state_dict().items()}
         for p, slots in self.optimizer.state.items():

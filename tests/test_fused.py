@@ -116,22 +116,33 @@ def test_fused_size_term_equals_the_reference(round_bits):
     assert float(q.detach()) == pytest.approx(size.report(model).bits_per_weight)
 
 
-def test_fused_bit_depth_group_updates_like_the_default_adamw():
+def test_the_bit_depth_group_updates_like_torchs_adamw_bit_for_bit():
+    """scn.optim.AdamW's shared-step b and e group against torch's single-tensor AdamW: many
+    steps, a changing lr, gradients of every scale, and a state round trip (as resume does)."""
     model, _ = hard_model("SmallCNN", torch.float32, True, False, 0)
     twin = copy.deepcopy(model)
-    cfg = TrainConfig()
-    opt, opt_ref = make_optimizer(model, cfg), make_optimizer(twin, cfg)
-    assert opt.param_groups[1]["fused"]
-    opt_ref.param_groups[1]["fused"] = None
-    x = torch.randn(8, 1, 28, 28)
-    for step in range(5):
-        for net, o in ((model, opt), (twin, opt_ref)):
-            for g in o.param_groups:
-                g["lr"] = cfg.lr * (step + 1) / 5
-            loss = net(x).square().mean() + 0.1 * size.size_loss(net)
-            o.zero_grad(set_to_none=True)
-            loss.backward()
-            o.step()
+    opt = make_optimizer(model, TrainConfig())
+    assert opt.param_groups[1]["shared_step"]
+    groups = [{k: v for k, v in g.items() if k != "shared_step"} for g in opt.param_groups]
+    by_name = dict(twin.named_parameters())
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in groups:
+        g["params"] = [by_name[names[id(p)]] for p in g["params"]]
+    opt_ref = torch.optim.AdamW(groups, foreach=False)
+    gen = torch.Generator().manual_seed(1)
+    pairs = list(zip(model.parameters(), twin.parameters(), strict=True))
+    for step in range(400):
+        for o in (opt, opt_ref):
+            for g, base in zip(o.param_groups, (3e-3, 5e-3), strict=True):
+                g["lr"] = base * (1 - step / 400)
+        for a, b in pairs:
+            scale = 10.0 ** -int(torch.randint(0, 6, (1,), generator=gen))
+            a.grad = torch.randn(a.shape, generator=gen) * scale
+            b.grad = a.grad.clone()
+        opt.step()
+        opt_ref.step()
+        if step == 200:
+            opt.load_state_dict(copy.deepcopy(opt.state_dict()))
     for (name, a), b in zip(model.named_parameters(), twin.parameters(), strict=True):
         assert same_bits(a.detach(), b.detach()), name
 
