@@ -111,7 +111,7 @@ def plan_of(model: nn.Module) -> Plan | None:
 
 
 def _build(layers: list, key: tuple) -> Plan | None:
-    if not layers:
+    if not layers or layers[0].weight.device.type == "meta":  # shape checks: the reference
         return None
     kinds = {(m.weight.dtype, m.b.dtype, m.e.dtype, m.weight.device, m.round_bits) for m in layers}
     if len(kinds) > 1 or len({layers[0].weight.dtype, layers[0].b.dtype, layers[0].e.dtype}) > 1:

@@ -217,6 +217,15 @@ def test_layers_of_mixed_dtypes_fall_back_to_the_reference():
     assert model(torch.randn(2, 1, 28, 28, dtype=torch.float64)).dtype == torch.float64
 
 
+def test_a_model_on_the_meta_device_runs_the_reference():
+    """Shape checks build and run a model on the meta device, where nothing can be read."""
+    with torch.device("meta"):
+        model = quantize_(build("SmallCNN", in_channels=1, num_classes=4, width=4),
+                          SelfCompress(init_bits=3))
+        assert model(torch.empty(2, 1, 28, 28)).shape == (2, 4)
+    assert fused.plan_of(model) is None
+
+
 class _Losses(Reporter):
     def __init__(self):
         self.rows = []
