@@ -62,7 +62,7 @@ class AdamW(torch.optim.AdamW):
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         states = [self.state[p] for p in params]
-        step = self._count(id(group), [st["step"] for st in states])
+        step = self._count(group, [st["step"] for st in states])
         beta1, beta2 = group["betas"]
         lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
         grads = [p.grad for p in params]
@@ -78,30 +78,28 @@ class AdamW(torch.optim.AdamW):
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(params, exp_avgs, denom, value=-step_size)
 
-    def _count(self, group: int, steps: list[torch.Tensor]) -> float:
-        """The group's new step count. It is kept on the host and written into the state's
-        `step` tensors only when the state is read (`sync_steps`), not each step: one operation
-        fewer per step, and no device sync on a GPU. Read from the state after a state load."""
-        counts = self.__dict__.setdefault("_scn_counts", {})
-        known = counts.get(group)
-        if known is None or known[0] is not steps[0] or known[2] != len(steps):
+    @staticmethod
+    def _count(group: dict, steps: list[torch.Tensor]) -> float:
+        """The group's new step count. It lives in the group (`shared_count`: saved, loaded and
+        copied with it) and is written into the state's `step` tensors only when the state is
+        read (`sync_steps`), not each step: one operation fewer, and no device sync on a GPU.
+        Without it (a new optimizer, a state loaded by hand) it is read from the state."""
+        count = group.get("shared_count")
+        if count is None:
             count = float(steps[0])
             if any(float(s) != count for s in steps):
                 raise RuntimeError("scn.optim.AdamW: a shared_step group's parameters have "
                                    "different step counts")
-        else:
-            count = known[1]
-        counts[group] = (steps[0], count + 1, len(steps))
+        group["shared_count"] = count + 1
         return count + 1
 
     def sync_steps(self) -> None:
         """Write the shared step counts into the state (before anything reads or saves it)."""
         for group in self.param_groups:
-            known = self.__dict__.get("_scn_counts", {}).get(id(group))
-            if group.get("shared_step") and known is not None:
+            if group.get("shared_step") and group.get("shared_count") is not None:
                 for p in group["params"]:
                     if "step" in self.state.get(p, {}):
-                        self.state[p]["step"].fill_(known[1])
+                        self.state[p]["step"].fill_(group["shared_count"])
 
     def state_dict(self) -> dict:
         self.sync_steps()

@@ -375,6 +375,8 @@ class Trainer:
         opt = self.optimizer
         group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
         opt.state.clear()
+        for group in opt.param_groups:  # scn.optim.AdamW: counted from the restored state again
+            group.pop("shared_count", None)
         for key, value in t.items():
             if not key.startswith("optim/"):
                 continue
