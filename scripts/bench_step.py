@@ -2,8 +2,8 @@
 
 Every record is one `method` (none, fixed, self_compress) x `model` x `compile` (eager, or
 torch.compile with inductor): `ops_per_step`, the ATen operations one training step dispatches
-(a `torch._foreach_*` operation counts once, as one dispatch for all its tensors; under
-torch.compile, what the compiled step still dispatches), and `step_ms`, the median over timed
+(a `torch._foreach_*` operation counts once, as one dispatch for all its tensors; eager steps
+only), and `step_ms`, the median over timed
 rounds of `scn.train.Trainer.train_step` (forward, size term, backward, AdamW, lr schedule),
 the methods timed in turns so that the machine's drift falls on all alike; the compile time is
 reported apart. Models: SmallCNN at the default job's width (16, Fashion-MNIST's 28x28x1,
@@ -12,7 +12,7 @@ also the full recipe's ResNet-9 (width 64, batch 512, bf16 autocast) and that se
 model shrunk by surgery to about a third of its weights. Writes docs/results/step.json and
 step.png.
 
-    python scripts/bench_step.py                       # the committed numbers (about 15 minutes)
+    python scripts/bench_step.py --rounds 25           # the committed numbers (about 12 minutes)
     python scripts/bench_step.py --rounds 3 --no-compile --out /tmp/step   # a quick look
 """
 
@@ -109,6 +109,11 @@ class Bench:
         self.sync()
 
     def count_ops(self) -> None:
+        if self.record["compile"]:  # under a dispatch mode the compiled step would run eagerly
+            self.record["ops_per_step"] = None
+            self.record["ops_note"] = ("not counted: inductor's kernels do not pass through the "
+                                       "ATen dispatcher, and under a dispatch mode the step runs eagerly")
+            return
         try:
             with CountOps() as counter:
                 self.step()
@@ -168,7 +173,7 @@ def print_group(group: list[dict]) -> None:
     base = next(r for r in group if r["method"] == "none")
     for r in group:
         ops = r["ops_per_step"]
-        ratio = f"{ops / base['ops_per_step']:.2f}x" if ops and base["ops_per_step"] else "-"
+        ratio = f"{ops / base['ops_per_step']:.3f}x" if ops and base["ops_per_step"] else "-"
         print(f"{r['model']:>12} {r['method']:>13}{' shrunk' if r.get('shrunk') else '':7} "
               f"compile={r['compile']!s:5} ops {ops!s:>5} ({ratio})  step {r['step_ms']:8.2f} ms "
               f"({r['step_ms'] / base['step_ms']:.3f}x float)")
