@@ -12,7 +12,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # CIFAR-10 for bench-cifar10: `make bench-cifar10 CIFAR10=DIR` (an ImageFolder tree or torchvision's copy).
 CIFAR10 ?=
 
-.PHONY: install data run test lint bench bench-format bench-removal bench-cifar10 bench-pareto figures clean
+.PHONY: install data run test lint bench bench-format bench-removal bench-cifar10 bench-pareto bench-step figures clean
 
 install: $(VENV)/.installed data
 
@@ -55,6 +55,9 @@ bench-cifar10: install
 
 bench-pareto: install
 	$(PY) scripts/bench_pareto.py
+
+bench-step: install
+	$(PY) scripts/bench_step.py --rounds 25
 
 figures: install
 	$(PY) scripts/paper_figures.py

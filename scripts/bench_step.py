@@ -6,7 +6,9 @@ torch.compile with inductor): `ops_per_step`, the ATen operations one training s
 only), and `step_ms`, the median over timed
 rounds of `scn.train.Trainer.train_step` (forward, size term, backward, AdamW, lr schedule),
 the methods timed in turns so that the machine's drift falls on all alike; the compile time is
-reported apart. Models: SmallCNN at the default job's width (16, Fashion-MNIST's 28x28x1,
+reported apart, and `quantizer_ms` is the fused quantizer alone (forward and backward, all layers
+and Q), timed on its own: its share of a step, without the step's noise. Models: SmallCNN at
+the default job's width (16, Fashion-MNIST's 28x28x1,
 batch 128) and ResNet-9 at the CPU recipe's width (16, 32x32x3, batch 256). On a CUDA device,
 also the full recipe's ResNet-9 (width 64, batch 512, bf16 autocast) and that self-compressing
 model shrunk by surgery to about a third of its weights. Writes docs/results/step.json and
@@ -27,7 +29,7 @@ import matplotlib.pyplot as plt
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from scn import size
+from scn import fused, size
 from scn.data import synthetic
 from scn.methods import Scheme, quantize_
 from scn.models import build
@@ -122,6 +124,24 @@ class Bench:
             self.record["ops_per_step"] = None
             self.record["ops_note"] = f"not countable: {type(err).__name__}"
 
+    def time_quantizer(self, rounds: int) -> None:
+        """The fused function alone (every layer's weights and Q, forward and backward), timed
+        in the same process: the quantizer's share of a step, free of the step's own noise."""
+        plan = fused.plan_of(self.trainer.model)
+        if self.record["compile"] or plan is None:
+            return
+        size_inputs = getattr(self.trainer.size, "fused_inputs", None)
+        times = []
+        for _ in range(rounds):
+            self.sync()
+            t0 = time.perf_counter()
+            outs = fused.quantized_weights(plan, size_inputs)
+            torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+            self.sync()
+            times.append(time.perf_counter() - t0)
+        self.trainer.optimizer.zero_grad(set_to_none=True)
+        self.record["quantizer_ms"] = 1000 * statistics.median(times)
+
     def timed(self, steps: int) -> None:
         self.sync()
         t0 = time.perf_counter()
@@ -156,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
             for _ in range(args.rounds):  # in turns
                 for bench in group:
                     bench.timed(args.steps)
+            for bench in group:
+                bench.time_quantizer(5 * args.rounds)
             results += [finish(b) for b in group]
             print_group(results[-len(group):])
     harness.write(args, __file__, "step", results, rounds=args.rounds, steps_per_round=args.steps)
@@ -176,7 +198,8 @@ def print_group(group: list[dict]) -> None:
         ratio = f"{ops / base['ops_per_step']:.3f}x" if ops and base["ops_per_step"] else "-"
         print(f"{r['model']:>12} {r['method']:>13}{' shrunk' if r.get('shrunk') else '':7} "
               f"compile={r['compile']!s:5} ops {ops!s:>5} ({ratio})  step {r['step_ms']:8.2f} ms "
-              f"({r['step_ms'] / base['step_ms']:.3f}x float)")
+              f"({r['step_ms'] / base['step_ms']:.3f}x float)"
+              + (f"  quantizer {r['quantizer_ms']:.2f} ms" if "quantizer_ms" in r else ""))
 
 
 def plot(results: list[dict], path) -> None:
