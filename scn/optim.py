@@ -3,6 +3,7 @@
 Every group's learning rate warms up linearly and decays along a cosine to zero; the bit
 depths and exponents can also be frozen (lr 0) for the last fraction of training
 (`trainer.freeze_quant`), so the weights fine-tune on one bit allocation as the lr decays.
+`load_state` puts a training checkpoint's optimizer state back, by parameter name.
 docs/design.md says why.
 """
 
@@ -14,6 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from scn.errors import ConfigError
 from scn.quant import quant_parameters, weight_parameters
 
 
@@ -139,3 +141,30 @@ def lr_lambdas(optimizer: torch.optim.Optimizer, model: nn.Module, total: int,
 def scheduler(optimizer: torch.optim.Optimizer, model: nn.Module, total: int,
               cfg) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambdas(optimizer, model, total, cfg))
+
+
+def load_state(opt: torch.optim.Optimizer, model: nn.Module, t: dict[str, torch.Tensor]) -> None:
+    """AdamW's per-parameter state from a training state's `optim/<parameter>/<slot>` tensors,
+    matched to the parameters by name (so it maps onto a rebuilt, shrunk model)."""
+    params = dict(model.named_parameters())
+    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+    opt.state.clear()
+    for group in opt.param_groups:  # scn.optim.AdamW: counted from the restored state again
+        group.pop("shared_count", None)
+    for key, value in t.items():
+        if not key.startswith("optim/"):
+            continue
+        name, _, slot = key.removeprefix("optim/").rpartition("/")
+        p = params.get(name)
+        if p is None or id(p) not in group_of:
+            raise ConfigError(f"the training state holds optimizer state for {name!r}, "
+                              "which this model does not train.")
+        group = group_of[id(p)]
+        if slot == "step":  # a count: on the CPU, or with the parameter when fused
+            on_device = group.get("capturable") or group.get("fused")
+            opt.state[p][slot] = value.to(p.device) if on_device else value
+            continue
+        if value.shape != p.shape:
+            raise ConfigError(f"the training state's {key} has shape {list(value.shape)} "
+                              f"but the parameter has {list(p.shape)}.")
+        opt.state[p][slot] = value.to(p.device)

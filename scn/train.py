@@ -346,7 +346,7 @@ class Trainer:
                               f"this one has {self.total_steps}; it cannot continue it.")
         for key, tensor in self.model.state_dict(keep_vars=True).items():
             tensor.data = t[f"model/{key}"].to(tensor.device)
-        self._load_optimizer(t)
+        optim.load_state(self.optimizer, self.model, t)
         for group, lr in zip(self.optimizer.param_groups, meta["lrs"], strict=True):
             group["lr"] = lr
         groups = len(self.optimizer.param_groups)
@@ -368,32 +368,6 @@ class Trainer:
         self.result.surgeries = int(meta["surgeries"])
         self.elapsed_s, self.other_s = float(meta["elapsed_s"]), float(meta["other_s"])
         self.result.compile_time_s = float(meta.get("compile_s", 0.0))
-
-    def _load_optimizer(self, t: dict[str, torch.Tensor]) -> None:
-        """AdamW's per-parameter state, matched to the parameters by name."""
-        params = dict(self.model.named_parameters())
-        opt = self.optimizer
-        group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
-        opt.state.clear()
-        for group in opt.param_groups:  # scn.optim.AdamW: counted from the restored state again
-            group.pop("shared_count", None)
-        for key, value in t.items():
-            if not key.startswith("optim/"):
-                continue
-            name, _, slot = key.removeprefix("optim/").rpartition("/")
-            p = params.get(name)
-            if p is None or id(p) not in group_of:
-                raise ConfigError(f"the training state holds optimizer state for {name!r}, "
-                                  "which this model does not train.")
-            group = group_of[id(p)]
-            if slot == "step":  # a count: on the CPU, or with the parameter when fused
-                on_device = group.get("capturable") or group.get("fused")
-                opt.state[p][slot] = value.to(p.device) if on_device else value
-                continue
-            if value.shape != p.shape:
-                raise ConfigError(f"the training state's {key} has shape {list(value.shape)} "
-                                  f"but the parameter has {list(p.shape)}.")
-            opt.state[p][slot] = value.to(p.device)
 
 
 def learns_bits(model: nn.Module) -> bool:
