@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from scn.quant import MAX_BITS, sc_layers
+from scn.size import SizeInputs, q_of_stored
 
 LN2 = math.log(2)
 _STEP = "_scn_step"  # a layer's quantized weight for the forward pass under way
@@ -79,16 +80,6 @@ class Plan:
 def _factor_buffers(layers: list) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
     buffers = [_like_weight(m.weight, 4) for m in layers]
     return buffers, [[buf[k] for buf in buffers] for k in range(4)]
-
-
-@dataclass
-class SizeInputs:
-    """What the size term adds: scn.size's plan (per-channel weights, scalars) and fixed bits."""
-
-    weight: torch.Tensor  # live inputs x kernel per channel, in the dtype Q is summed in
-    weight_b: torch.Tensor  # the same in b's dtype: the gradient's factor
-    fixed: torch.Tensor  # bits no trainable b changes, in the summing dtype
-    scalars: int
 
 
 def _key(layers: list) -> tuple:
@@ -179,9 +170,7 @@ class _Quantize(torch.autograd.Function):
             inside = (stored > 0) & (stored < MAX_BITS)
             stored = stored.clamp(0, MAX_BITS)
         ctx.inside = inside
-        # Integers summed exactly (scn.size picks the dtype): equal to a per-layer sum.
-        total = torch.dot(stored.to(size.weight.dtype), size.weight)
-        return (*out, (total + size.fixed).to(scale.dtype) / size.scalars)
+        return (*out, q_of_stored(stored, size, scale.dtype))
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):

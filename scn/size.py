@@ -96,6 +96,23 @@ def size_plan(model: nn.Module) -> SizePlan | None:
                     reference_of(model).scalars)
 
 
+@dataclass
+class SizeInputs:
+    """Q's constants between surgeries, in the dtype its integer total is summed in."""
+
+    weight: torch.Tensor  # live inputs x kernel per channel
+    weight_b: torch.Tensor  # the same in b's dtype: the gradient's factor
+    fixed: torch.Tensor  # bits no trainable b changes
+    scalars: int
+
+
+def q_of_stored(stored: torch.Tensor, inputs: SizeInputs, dtype: torch.dtype) -> torch.Tensor:
+    """Q from every channel's stored bit depth (clamped to 0..16): integers summed exactly in
+    the inputs' dtype, in any order, so Q equals the per-layer sum."""
+    total = torch.dot(stored.to(inputs.weight.dtype), inputs.weight) + inputs.fixed
+    return total.to(dtype) / inputs.scalars
+
+
 class _SizeLoss(torch.autograd.Function):
     """(plan, fixed, *bit depths) -> Q, with the straight-through gradient of stored bits."""
 
@@ -106,9 +123,8 @@ class _SizeLoss(torch.autograd.Function):
         clamped = stored.clamp(0, MAX_BITS)
         ctx.inside = (stored > 0) & (stored < MAX_BITS)  # where the clamp passes a gradient
         ctx.plan = plan
-        # Integers summed in float64 are exact, in any order: Q equals the per-layer sum.
-        total = torch.dot(clamped.double(), plan.weight) + fixed.to(b.device, torch.float64)
-        return total.to(b.dtype) / plan.scalars
+        inputs = SizeInputs(plan.weight, plan.weight_b, fixed.to(b.device, torch.float64), plan.scalars)
+        return q_of_stored(clamped, inputs, b.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -117,11 +133,9 @@ class _SizeLoss(torch.autograd.Function):
         return (None, None, *g.split([m.b.shape[0] for m in plan.layers]))
 
 
-def fused_inputs(plan: SizePlan, fixed: torch.Tensor):
+def fused_inputs(plan: SizePlan, fixed: torch.Tensor) -> SizeInputs:
     """Q's part of scn.fused's function: summed in b's dtype where every possible total is an
     exact integer there (as the per-layer sum is), else in float64."""
-    from scn.fused import SizeInputs
-
     dtype = plan.weight_b.dtype
     limit = 2.0 ** (24 if dtype == torch.float32 else 53)  # integers exact below this
     exact = float(plan.weight.sum()) * MAX_BITS + float(fixed) <= limit
