@@ -73,3 +73,17 @@ def recalibrate_norms(model: nn.Module, data: ImageData, num_batches: int, batch
             m.momentum = momentum
         model.train(was_training)
     return len(norms)
+
+
+@torch.no_grad()
+def flops(model: nn.Module, example: torch.Tensor) -> int:
+    """Forward FLOPs of one image through `model` as it is now (torch.utils.flop_counter:
+    convolutions and matrix products; a removed channel's work is gone, a masked one's is not)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    with FlopCounterMode(display=False) as counter, frozen(model):
+        model(example[:1])
+    model.train(was_training)
+    return int(counter.get_total_flops())

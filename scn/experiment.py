@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from scn import checkpoint, io, size
+from scn import checkpoint, evaluation, io, size
 from scn import format as scn_format
 from scn import resume as train_state
 from scn.data import ImageData
@@ -257,6 +257,9 @@ def _run(exp: Experiment, run_dir: Path, digest: str, state: train_state.State |
             return paused
         rep = trainer.size.report()
         extra = {"file_bytes": None, **trainer.size.finish()}  # the model as its files store it
+        example = trainer.data.normalize(trainer.data.test_x[:1])
+        extra["flops"] = evaluation.flops(model, example)  # per image, final model
+        extra["flops_original"] = evaluation.flops(exp.build_model().to(example.device), example)
         checkpoint.save_checkpoint(model, run_dir / "model.safetensors", exp.dataset_info())
         if exp.scheme.packs:
             extra["file_bytes"] = scn_format.save(model, run_dir / "model.scn", exp.dataset_info())

@@ -170,6 +170,7 @@ class _Quantize(torch.autograd.Function):
             inside = (stored > 0) & (stored < MAX_BITS)
             stored = stored.clamp(0, MAX_BITS)
         ctx.inside = inside
+        ctx.q_factor = size.gradient_factor(stored)
         return (*out, q_of_stored(stored, size, scale.dtype))
 
     @staticmethod
@@ -193,7 +194,7 @@ class _Quantize(torch.autograd.Function):
         if any(ctx.needs_input_grad[3 + n:3 + 2 * n]):
             db = (r[2:] * ctx.bound_factor * LN2).sum(0)
             if size is not None:  # Q's gradient, added as autograd adds a second use of b
-                db = db + (grads[n] / size.scalars) * size.weight_b * ctx.inside
+                db = db + (grads[n] / size.scalars) * ctx.q_factor * ctx.inside
             db = db.split(sizes)
         return (None, None, None, *dw, *db, *de.split(sizes))
 

@@ -22,7 +22,9 @@ import torch
 from torch import nn
 
 from scn import fused, size
+from scn.columns import SPREADS, columns
 from scn.errors import ConfigError
+from scn.graph import ChannelGraph
 from scn.quant import MAX_BITS, quantize_
 
 __all__ = ["FixedBits", "Float", "Method", "Scheme", "SelfCompress", "SizeTerm",
@@ -39,18 +41,25 @@ class SizeTerm:
     """scn's own accounting for a converted model: Q (differentiable in every trainable b, or
     None when nothing trains the size) and the size report."""
 
-    def __init__(self, model: nn.Module, learns_bits: bool) -> None:
+    def __init__(self, model: nn.Module, learns_bits: bool, live_input_grad: float = 0.0,
+                 live_input_spread: str = "flat") -> None:
         self.model = model
         self.learns_bits = learns_bits
+        self.live_input_grad = live_input_grad  # scn.columns' charge: its weight and spread
+        self.live_input_spread = live_input_spread
         self.fixed = torch.zeros((), dtype=torch.float64)
         self.plan: size.SizePlan | None = None
         self.fused_inputs = None
         self.fuse = True  # Q from the quantizer's function (False under torch.compile)
 
-    def refresh(self, device: torch.device) -> None:
-        """After a surgery: the bits no trainable b can change and Q's plan, once per shape."""
+    def refresh(self, device: torch.device, graph: ChannelGraph | None = None) -> None:
+        """After a surgery: the bits no trainable b can change and Q's plan, once per shape
+        (with the channel graph, the live-input charge's too)."""
         self.fixed = size.fixed_bits(self.model).to(device)
         self.plan = size.size_plan(self.model) if self.learns_bits else None
+        if self.plan is not None and graph is not None:
+            self.plan.columns = columns(self.model, graph, self.plan.layers, self.live_input_grad,
+                                        self.live_input_spread)
         self.fused_inputs = size.fused_inputs(self.plan, self.fixed) if self.plan else None
 
     def term(self) -> torch.Tensor | None:
@@ -100,7 +109,9 @@ class Method:
         return SizeTerm(model, self.learns_bits)
 
     def header(self) -> dict:
-        return {**_HEADER_DEFAULTS, **asdict(self), "kind": self.kind}
+        """The file header's `scheme`: how to decode, not how it was trained."""
+        return {**_HEADER_DEFAULTS, **{k: v for k, v in asdict(self).items() if k in _HEADER_DEFAULTS},
+                "kind": self.kind}
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -137,6 +148,22 @@ class SelfCompress(Quantized):
     kind: ClassVar[str] = "self_compress"
     learns_bits: ClassVar[bool] = True
     init_bits: float = 3
+    # Weight of the straight-through derivative of the live-input counts (scn/columns.py): a
+    # channel is charged the input columns it keeps alive downstream. 0: counts are constants.
+    live_input_grad: float = 0.0
+    live_input_spread: str = "flat"  # flat: the column per bit; per_bit: column / the channel's bits
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.live_input_grad >= 0:
+            raise ConfigError(f"quant.live_input_grad={self.live_input_grad} is invalid: it "
+                              "weighs a gradient and must be >= 0 (0 = off, 1 = the full charge).")
+        if self.live_input_spread not in SPREADS:
+            raise ConfigError(f"quant.live_input_spread={self.live_input_spread!r} is invalid; "
+                              f"valid choices are {', '.join(SPREADS)}.")
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> SizeTerm:
+        return SizeTerm(model, self.learns_bits, self.live_input_grad, self.live_input_spread)
 
 
 @register

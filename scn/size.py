@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from scn.columns import Columns
 from scn.quant import MAX_BITS, SCLayer, sc_layers
 from scn.reference import FREE_SUFFIXES as _FREE_SUFFIXES
 from scn.reference import Reference, reference_of  # noqa: F401 (re-exported)
@@ -83,6 +84,7 @@ class SizePlan:
     weight_b: torch.Tensor  # the same in b's dtype (the gradient's factor)
     round_bits: bool
     scalars: int
+    columns: Columns | None = None  # the live-input charge (scn.columns), None when off
 
 
 def size_plan(model: nn.Module) -> SizePlan | None:
@@ -104,6 +106,14 @@ class SizeInputs:
     weight_b: torch.Tensor  # the same in b's dtype: the gradient's factor
     fixed: torch.Tensor  # bits no trainable b changes
     scalars: int
+    columns: Columns | None = None
+
+    def gradient_factor(self, stored: torch.Tensor) -> torch.Tensor:
+        """dQ/db per channel, times the number of scalars: its own weights (and, with the
+        live-input charge, the input columns it keeps alive)."""
+        if self.columns is None:
+            return self.weight_b
+        return self.weight_b + self.columns.factor(stored)
 
 
 def q_of_stored(stored: torch.Tensor, inputs: SizeInputs, dtype: torch.dtype) -> torch.Tensor:
@@ -123,13 +133,15 @@ class _SizeLoss(torch.autograd.Function):
         clamped = stored.clamp(0, MAX_BITS)
         ctx.inside = (stored > 0) & (stored < MAX_BITS)  # where the clamp passes a gradient
         ctx.plan = plan
-        inputs = SizeInputs(plan.weight, plan.weight_b, fixed.to(b.device, torch.float64), plan.scalars)
+        inputs = SizeInputs(plan.weight, plan.weight_b, fixed.to(b.device, torch.float64), plan.scalars,
+                            plan.columns)
+        ctx.factor = inputs.gradient_factor(clamped)
         return q_of_stored(clamped, inputs, b.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         plan = ctx.plan
-        g = torch.where(ctx.inside, (grad / plan.scalars) * plan.weight_b, 0.0)
+        g = torch.where(ctx.inside, (grad / plan.scalars) * ctx.factor, 0.0)
         return (None, None, *g.split([m.b.shape[0] for m in plan.layers]))
 
 
@@ -140,7 +152,8 @@ def fused_inputs(plan: SizePlan, fixed: torch.Tensor) -> SizeInputs:
     limit = 2.0 ** (24 if dtype == torch.float32 else 53)  # integers exact below this
     exact = float(plan.weight.sum()) * MAX_BITS + float(fixed) <= limit
     dtype = dtype if exact else torch.float64
-    return SizeInputs(plan.weight.to(dtype), plan.weight_b, fixed.to(dtype), plan.scalars)
+    return SizeInputs(plan.weight.to(dtype), plan.weight_b, fixed.to(dtype), plan.scalars,
+                      plan.columns)
 
 
 def size_loss(model: nn.Module, fixed: torch.Tensor | None = None,

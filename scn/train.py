@@ -213,7 +213,7 @@ class Trainer:
         """Recompute what depends on the model's shapes (after surgery)."""
         if self.channels_last:  # sliced tensors come back in NCHW: restore the fast layout
             self.model.to(memory_format=torch.channels_last)
-        self.size.refresh(self.device)
+        self.size.refresh(self.device, self.graph)
         self.forward = self.model
         self.compile_due = self.cfg.compile
         if self.cfg.compile:  # new shapes: compile again (the reference quantizer, which it fuses)

@@ -76,6 +76,13 @@ def write(args: argparse.Namespace, script: str, name: str, results: list[dict],
     return path
 
 
+def read_results(path: Path) -> list[dict]:
+    """The records of a committed benchmark JSON (to keep those another invocation made)."""
+    import json
+
+    return json.loads(Path(path).read_text())["results"]
+
+
 def save_figure(fig, path: Path) -> None:
     fig.tight_layout()
     io.atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))

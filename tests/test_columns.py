@@ -1,0 +1,106 @@
+"""The live-input charge (scn/columns.py): Q's value stays the file's size, and its gradient is
+the derivative of the paper's Q with the live-input counts made straight-through functions of
+the producers' bit depths, written out layer by layer here."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scn import fused, size, surgery
+from scn.methods import SelfCompress, quantize_
+from scn.models import build
+from scn.quant import round_ste, sc_layers
+
+
+def converted(name: str, seed: int = 0, spread: str = "flat"):
+    torch.manual_seed(seed)
+    image = 28 if name == "SmallCNN" else 32
+    model = build(name, in_channels=1 if name == "SmallCNN" else 3, num_classes=10, width=8,
+                  image_size=image)
+    model = quantize_(model, SelfCompress(live_input_grad=0.7, live_input_spread=spread))
+    gen = torch.Generator().manual_seed(seed)
+    for _, m in sc_layers(model):  # spread bit depths over 1..5, a few channels dead
+        m.b.data = torch.randint(1, 6, m.b.shape, generator=gen).float() + 0.3
+        m.b.data[torch.rand(m.b.shape, generator=gen) < 0.15] = -0.2
+    x = torch.randn(2, 1 if name == "SmallCNN" else 3, image, image)
+    return model, x
+
+
+def explicit_q(model, graph, weight: float, spread: str) -> torch.Tensor:
+    """sum_l I_l * kernel * sum_i B_li over the scalars, I_l counting each live input channel
+    as [B > 0] + weight * (b - b.detach()) shared among the channel's live producers (divided
+    by the producer's bits B with the per_bit spread)."""
+    layers = dict(sc_layers(model))
+    inputs = {name: m.in_alive.sum().float() for name, m in layers.items()}  # the counts' values
+    for space in graph.spaces:
+        if not space.producers:  # the model's input
+            continue
+        live = torch.stack([layers[p].live_out().float() for p in space.producers])
+        count = live.sum(0).clamp(min=1)
+        per_bit = [layers[p].int_bits().clamp(min=1) if spread == "per_bit" else 1
+                   for p in space.producers]
+        ste = sum(live[i] * weight * (layers[p].b - layers[p].b.detach()) / count / per_bit[i]
+                  for i, p in enumerate(space.producers))
+        for name, block in space.consumers:
+            inputs[name] = inputs[name] + block * ste.sum()
+    total = size.fixed_bits(model).float()
+    for name, m in layers.items():
+        bits = round_ste(m.b).clamp(0, 16)
+        total = total + inputs[name] * m.kernel_numel() * bits.sum()
+    return total / size.reference_of(model).scalars
+
+
+@pytest.mark.parametrize("name", ["SmallCNN", "ResNet9"])
+@pytest.mark.parametrize("path", ["fused", "per_layer"])
+@pytest.mark.parametrize("spread", ["flat", "per_bit"])
+def test_the_charge_is_the_derivative_of_the_live_input_counts(name, path, spread):
+    model, x = converted(name, spread=spread)
+    graph = surgery.trace(model, x)
+    term = model.scn_scheme.attach(model, None)
+    term.fuse = path == "fused"
+    term.refresh(torch.device("cpu"), graph)
+    q = term.term()
+    F.cross_entropy(model(x), torch.arange(2)).mul(0).add(q).backward()
+    got = {n: m.b.grad.clone() for n, m in sc_layers(model)}
+    model.zero_grad(set_to_none=True)
+    want = explicit_q(model, graph, 0.7, spread)
+    want.backward()
+    assert torch.allclose(q.detach(), want.detach().double().float(), rtol=1e-6)
+    assert q.item() == pytest.approx(size.report(model).bits_per_weight, rel=1e-6)
+    for n, m in sc_layers(model):
+        live = m.live_out() & (m.int_bits() < 16)
+        assert torch.allclose(got[n][live], m.b.grad[live], rtol=1e-5, atol=1e-9), n
+        assert not got[n][~live].any(), n  # dead channels stay dead
+
+
+def test_no_charge_leaves_the_term_as_it_was():
+    model, x = converted("ResNet9")
+    graph = surgery.trace(model, x)
+    grads = []
+    for charge in (None, 0.0):
+        term = SelfCompress(live_input_grad=0.0).attach(model, None)
+        term.refresh(torch.device("cpu"), graph if charge is not None else None)
+        assert term.plan.columns is None
+        model.zero_grad(set_to_none=True)
+        q = term.term()
+        fused.after_forward(model, None, None)
+        q.backward()
+        grads.append(torch.cat([m.b.grad for _, m in sc_layers(model)]))
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_the_charge_kills_the_channels_that_feed_the_classifier_first():
+    """One charged step: the last convolution's channels (each keeps 49 classifier inputs per
+    class alive) feel more than its own weights, the others much less."""
+    model, x = converted("SmallCNN")
+    graph = surgery.trace(model, x)
+    term = model.scn_scheme.attach(model, None)
+    term.refresh(torch.device("cpu"), graph)
+    extra = term.plan.columns.factor(torch.cat([m.int_bits().float() for m in term.plan.layers]))
+    sizes = [m.b.shape[0] for m in term.plan.layers]
+    own = term.plan.weight_b.split(sizes)
+    charged = extra.split(sizes)
+    last_conv = len(sizes) - 2
+    live = term.plan.layers[last_conv].live_out()
+    assert (charged[last_conv][live] > own[last_conv][live]).all()
+    assert not charged[-1].any()  # the classifier's outputs feed nothing
