@@ -27,18 +27,63 @@ BEFORE = ["quant.live_input_grad=0", "quant.live_input_spread=flat", "size_loss=
           "size_loss.gamma=0.1", "size_loss.warmup=0.2", "trainer.freeze_quant=0"]
 ROWS = [
     ("float", "float32 reference", ["quant=none"]),
-    ("base_g0.1", "scn's original term, gamma 0.1 (the default job before)", []),
+    ("base_g0.1", "scn's original term, gamma 0.1 (the default job)", []),
     ("base_g1", "original term, gamma 1: ten times the pressure", ["size_loss.gamma=1"]),
     ("lig1_g0.1", "live-input charge, flat", ["quant.live_input_grad=1"]),
-    ("lig1_perbit_g0.1", "live-input charge, per bit",
-     ["quant.live_input_grad=1", "quant.live_input_spread=per_bit"]),
-    ("lig1_cos0.2", "flat charge, cosine gamma 0.2 decaying to 0",
-     ["quant.live_input_grad=1", "size_loss=cosine", "size_loss.gamma=0.2", "size_loss.warmup=0.1",
-      "size_loss.final=0"]),
     ("lig1_g0.1_freeze", "flat charge, b and e frozen for the last quarter",
      ["quant.live_input_grad=1", "trainer.freeze_quant=0.25"]),
+    ("lig1_perbit_g0.1", "live-input charge, per bit",
+     ["quant.live_input_grad=1", "quant.live_input_spread=per_bit"]),
+    ("lig3_perbit_g0.03", "per-bit charge x3, gamma 0.03: less pull on bits, as much on channels",
+     ["quant.live_input_grad=3", "quant.live_input_spread=per_bit", "size_loss.gamma=0.03"]),
+    ("lig1_perbit_cos0.3", "per-bit charge, cosine gamma 0.3 decaying to 0 (kill early, recover)",
+     ["quant.live_input_grad=1", "quant.live_input_spread=per_bit", "size_loss=cosine",
+      "size_loss.gamma=0.3", "size_loss.warmup=0.1", "size_loss.final=0"]),
+    ("w32_float", "float32, width 32", ["model.width=32", "quant=none"]),
+    ("w32_lig3_perbit_g0.03", "width 32, per-bit charge x3, gamma 0.03",
+     ["model.width=32", "quant.live_input_grad=3", "quant.live_input_spread=per_bit",
+      "size_loss.gamma=0.03"]),
+    ("w32_lig10_perbit_g0.03_freeze", "width 32, per-bit charge x10, gamma 0.03, frozen last quarter",
+     ["model.width=32", "quant.live_input_grad=10", "quant.live_input_spread=per_bit",
+      "size_loss.gamma=0.03", "trainer.freeze_quant=0.25"]),
 ]
 KEYS = (*harness.SUMMARY_KEYS, "flops", "flops_original", "channels_left")
+
+
+def earlier_row(overrides: list[str], run_dir: Path) -> dict | None:
+    """A row trained before `quant.live_input_spread` existed: its config equals this one's
+    but for that key at its default ("flat", the behaviour it had), so it is reused."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from scn.sweep import compose_config
+
+    path = run_dir / "summary.json"
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    config = OmegaConf.to_container(compose_config(overrides), resolve=True)
+    config["trainer"].pop("progress", None)
+    stored = summary.get("config", {})
+    if (summary.get("status") != "finished" or "live_input_spread" in stored.get("quant", {})
+            or config["quant"].pop("live_input_spread", "flat") != "flat"):
+        return None
+    stored["trainer"].pop("progress", None)
+    return {**summary, "run_dir": str(run_dir)} if stored == config else None
+
+
+def flops_of_run(summary: dict) -> tuple[int, int]:
+    """Forward FLOPs per image of a run's packed model and of its original (28x28x1 images)."""
+    import torch
+
+    import scn
+    from scn.evaluation import flops
+    from scn.models import build
+
+    x = torch.zeros(1, 1, 28, 28)
+    original = build("SmallCNN", width=summary["config"]["model"]["width"])
+    return flops(scn.load(Path(summary["run_dir"]) / "model.scn")[0], x), flops(original, x)
 
 
 def merged(*lists: list[str]) -> list[str]:
@@ -58,14 +103,19 @@ def main(argv: list[str] | None = None) -> None:
             continue
         before = [o for o in BEFORE if not (o.startswith("quant.") and "quant=none" in overrides)]
         ov = ["+experiment=fashion_mnist_cnn", *merged(before, overrides, args.overrides)]
-        summary = run_overrides(ov, args.runs / name)
+        summary = earlier_row(ov, args.runs / name) or run_overrides(ov, args.runs / name)
+        if summary.get("flops") is None:  # a row trained before summaries recorded FLOPs
+            summary["flops"], summary["flops_original"] = flops_of_run(summary)
         results.append(harness.row(name, summary, KEYS, lever=lever,
                                    overrides=" ".join(overrides)))
     path = harness.write(args, __file__, "channel_removal", results)
+    print("| row | lever | accuracy | bits/weight | weights left | FLOPs left | wall time |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
-        flops = r["flops"] / r["flops_original"] if r.get("flops") else float("nan")
-        print(f"{r['method']:>18} {r['test_accuracy']:6.2f}% {r['bits_per_weight']:6.3f} b/w "
-              f"{r['weights_left_pct']:5.1f}% weights {flops:5.3f}x FLOPs {r['wall_time_s']:6.0f} s")
+        flops = f"{100 * r['flops'] / r['flops_original']:.1f}%"
+        print(f"| `{r['method']}` | {r['lever']} | {r['test_accuracy']:.2f}% | "
+              f"{r['bits_per_weight']:.3f} | {r['weights_left_pct']:.1f}% | {flops} | "
+              f"{r['wall_time_s']:.0f} s |")
     print(f"wrote {path}")
 
 

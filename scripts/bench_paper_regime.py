@@ -19,8 +19,11 @@ from pathlib import Path
 import harness
 import matplotlib.pyplot as plt
 
-EXPERIMENTS = {"fashion_mnist": "+experiment=fashion_mnist_cnn", "cifar10": "+experiment=cifar10_resnet"}
-METHODS = {"none": ["quant=none"], "self_compress": ["quant=self_compress"]}
+# The recipe's point: Fashion-MNIST's removal experiment; on CIFAR-10 the full recipe with the
+# live-input charge (the study's lever, not yet tuned on CIFAR-10).
+EXPERIMENTS = {"fashion_mnist": "+experiment=fashion_mnist_removal", "cifar10": "+experiment=cifar10_resnet"}
+METHODS = {"fashion_mnist": {"none": ["quant=none"], "self_compress": []},
+           "cifar10": {"none": ["quant=none"], "self_compress": ["quant=self_compress_removal"]}}
 KEYS = ("test_accuracy", "bits_per_weight", "float_bits_pct", "weights_left_pct", "param_count",
         "flops", "flops_original", "file_bytes", "wall_time_s", "step_time_s", "channels_left")
 PAPER = {"float_bits_pct": 3.0, "weights_left_pct": 18.0}  # its CIFAR-10 headline
@@ -29,7 +32,7 @@ PAPER = {"float_bits_pct": 3.0, "weights_left_pct": 18.0}  # its CIFAR-10 headli
 def main(argv: list[str] | None = None) -> None:
     args = harness.arguments(__doc__, runs="outputs/bench/paper_regime", argv=argv, add=lambda p: (
         p.add_argument("--dataset", choices=sorted(EXPERIMENTS), default="fashion_mnist")))
-    summaries = harness.run_methods(METHODS, [EXPERIMENTS[args.dataset]], args,
+    summaries = harness.run_methods(METHODS[args.dataset], [EXPERIMENTS[args.dataset]], args,
                                     runs=args.runs / args.dataset)
     results = [harness.row(m, s, KEYS, dataset=args.dataset) for m, s in summaries.items()]
     base = next(r for r in results if r["method"] == "none")

@@ -104,3 +104,24 @@ def test_the_charge_kills_the_channels_that_feed_the_classifier_first():
     live = term.plan.layers[last_conv].live_out()
     assert (charged[last_conv][live] > own[last_conv][live]).all()
     assert not charged[-1].any()  # the classifier's outputs feed nothing
+
+
+def test_a_charged_run_keeps_its_charge_through_surgery():
+    """The trainer hands the channel graph to the size term, and every surgery rebuilds the
+    charge for the new shapes: a short charged run removes channels and ends with a charge
+    sized to the shrunk network."""
+    from scn.data import synthetic
+    from scn.schedule import Constant
+    from scn.train import TrainConfig, Trainer
+
+    net = build("SmallCNN", in_channels=1, num_classes=4, width=8)
+    net = quantize_(net, SelfCompress(live_input_grad=1.0, live_input_spread="per_bit"))
+    cfg = TrainConfig(max_epochs=20, max_steps=40, batch_size=64, lr_quant=0.3, prune_every=5,
+                      eval_every=40, progress=False)
+    trainer = Trainer(net, synthetic(), cfg, Constant(gamma=2.0), learn_bits=True)
+    result = trainer.run()
+    assert result.surgeries > 0
+    columns = trainer.size.plan.columns
+    channels = sum(m.b.shape[0] for m in trainer.size.plan.layers)
+    assert columns.share.shape[0] == columns.consumers.shape[1] == channels
+    assert columns.per_bit
