@@ -12,7 +12,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # CIFAR-10 for bench-cifar10: `make bench-cifar10 CIFAR10=DIR` (an ImageFolder tree or torchvision's copy).
 CIFAR10 ?=
 
-.PHONY: install data run test lint bench bench-format bench-removal bench-cifar10 bench-pareto bench-step figures clean
+.PHONY: install data run test lint bench bench-format bench-removal bench-cifar10 bench-pareto bench-step bench-paper-regime figures clean
 
 install: $(VENV)/.installed data
 
@@ -58,6 +58,9 @@ bench-pareto: install
 
 bench-step: install
 	$(PY) scripts/bench_step.py --rounds 25
+
+bench-paper-regime: install
+	$(PY) scripts/bench_paper_regime.py
 
 figures: install
 	$(PY) scripts/paper_figures.py
