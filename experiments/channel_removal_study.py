@@ -56,42 +56,6 @@ ROWS = [
 KEYS = (*harness.SUMMARY_KEYS, "flops", "flops_original", "channels_left")
 
 
-def earlier_row(overrides: list[str], run_dir: Path) -> dict | None:
-    """A row trained before `quant.live_input_spread` existed: its config equals this one's
-    but for that key at its default ("flat", the behaviour it had), so it is reused."""
-    import json
-
-    from omegaconf import OmegaConf
-
-    from scn.sweep import compose_config
-
-    path = run_dir / "summary.json"
-    if not path.exists():
-        return None
-    summary = json.loads(path.read_text())
-    config = OmegaConf.to_container(compose_config(overrides), resolve=True)
-    config["trainer"].pop("progress", None)
-    stored = summary.get("config", {})
-    if (summary.get("status") != "finished" or "live_input_spread" in stored.get("quant", {})
-            or config["quant"].pop("live_input_spread", "flat") != "flat"):
-        return None
-    stored["trainer"].pop("progress", None)
-    return {**summary, "run_dir": str(run_dir)} if stored == config else None
-
-
-def flops_of_run(summary: dict) -> tuple[int, int]:
-    """Forward FLOPs per image of a run's packed model and of its original (28x28x1 images)."""
-    import torch
-
-    import scn
-    from scn.evaluation import flops
-    from scn.models import build
-
-    x = torch.zeros(1, 1, 28, 28)
-    original = build("SmallCNN", width=summary["config"]["model"]["width"])
-    return flops(scn.load(Path(summary["run_dir"]) / "model.scn")[0], x), flops(original, x)
-
-
 def merged(*lists: list[str]) -> list[str]:
     """Overrides with a later value of a key replacing an earlier one (Hydra refuses both)."""
     out: dict[str, str] = {}
@@ -109,9 +73,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         before = [o for o in BEFORE if not (o.startswith("quant.") and "quant=none" in overrides)]
         ov = ["+experiment=fashion_mnist_cnn", *merged(before, overrides, args.overrides)]
-        summary = earlier_row(ov, args.runs / name) or run_overrides(ov, args.runs / name)
-        if summary.get("flops") is None:  # a row trained before summaries recorded FLOPs
-            summary["flops"], summary["flops_original"] = flops_of_run(summary)
+        summary = run_overrides(ov, args.runs / name)
         results.append(harness.row(name, summary, KEYS, lever=lever,
                                    overrides=" ".join(overrides)))
     path = harness.write(args, __file__, "channel_removal", results)

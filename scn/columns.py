@@ -68,11 +68,11 @@ def columns(model: nn.Module, graph: ChannelGraph, layers: list[SCLayer],
     for s, space in enumerate(spaces):
         for name, block in space.consumers:
             layer = model.get_submodule(name)
-            per_bit = block * layer.kernel_numel()
+            weights_per_channel = block * layer.kernel_numel()  # of each output, per input channel
             if name in offsets:
-                consumers[s, offsets[name]:offsets[name] + layer.weight.shape[0]] = per_bit
+                consumers[s, offsets[name]:offsets[name] + layer.weight.shape[0]] = weights_per_channel
             else:  # a float or fixed-bit consumer: its column's bits change only at surgery
-                fixed[s] += per_bit * layer.int_bits().sum().to(dtype)
+                fixed[s] += weights_per_channel * layer.int_bits().sum().to(dtype)
         live = [model.get_submodule(p).live_out() for p in space.producers]
         count = torch.stack(live).sum(0).clamp(min=1).to(dtype)
         for name, alive in zip(space.producers, live, strict=True):

@@ -2,7 +2,7 @@
 
 Float and self-compression (the recipe of docs/study/channel_removal.md) side by side, same
 model, data, epochs and seed, in one invocation, trained one after the other through the code
-path of `scn-train +experiment=fashion_mnist_cnn`. The paper (Cséfalvay & Imber, 2023) reports
+path of `scn-train +experiment=fashion_mnist_removal`. The paper (Cséfalvay & Imber, 2023) reports
 float accuracy with 3% of the bits and 18% of the weights; each record here says how close a
 run comes: accuracy, bits per weight, share of float32 bits, share of weights left, FLOPs of
 the final model, and the whole run's wall time (the network shrinks while it trains, so the

@@ -89,9 +89,10 @@ def test_no_charge_leaves_the_term_as_it_was():
     assert torch.equal(grads[0], grads[1])
 
 
-def test_the_charge_kills_the_channels_that_feed_the_classifier_first():
-    """One charged step: the last convolution's channels (each keeps 49 classifier inputs per
-    class alive) feel more than its own weights, the others much less."""
+def test_the_last_convolution_is_charged_more_than_its_own_weights():
+    """The last convolution's channels each keep a classifier column alive (one input per
+    output class and pixel), which costs more than the channel's own weights; the classifier's
+    outputs feed nothing and are charged nothing."""
     model, x = converted("SmallCNN")
     graph = surgery.trace(model, x)
     term = model.scn_scheme.attach(model, None)
