@@ -27,49 +27,87 @@ from scn.errors import DataError, ScnError
 from scn.evaluation import evaluate
 from scn.quant import sc_layers
 
-DATASETS = ("fashion_mnist", "synthetic")
+DATASETS = ("fashion_mnist", "cifar10", "image_folder", "synthetic")
+_BY_NAME = {"fashion_mnist": "fashion_mnist", "synthetic": "synthetic", "cifar10": "cifar10",
+            "cifar10-jpeg": "cifar10"}  # dataset names of files written before `loader` was recorded
+SYNTHETIC_LIMITS = {"classes": 1000, "image_elements": 1 << 14, "images": 200_000}
 
 
-SYNTHETIC_LIMITS = {"classes": 1000, "image_elements": 1 << 14}  # the test dataset's sizes
-
-
-def _check_synthetic(info: dict) -> None:
+def _check_synthetic(info: dict, kwargs: dict) -> None:
     """The synthetic dataset is generated to the header's shape: keep that shape small, so a
     file cannot make scn-eval allocate gigabytes."""
     shape, classes = info.get("input_shape") or [1, 28, 28], info.get("classes") or []
     try:
         elements = math.prod(int(s) for s in shape)
+        images = int(kwargs.get("num_train", 512)) + int(kwargs.get("num_test", 256))
     except (TypeError, ValueError):
-        elements = -1
-    if not 0 < elements <= SYNTHETIC_LIMITS["image_elements"] or len(classes) > SYNTHETIC_LIMITS["classes"]:
-        raise DataError(f"the file asks for a synthetic dataset of {len(classes)} classes and inputs of "
-                        f"shape {shape}, beyond what scn-eval generates (at most "
-                        f"{SYNTHETIC_LIMITS['classes']} classes and {SYNTHETIC_LIMITS['image_elements']:,} "
-                        "values per image). Evaluate it on its real dataset with --dataset NAME.")
+        elements = images = -1
+    if (not 0 < elements <= SYNTHETIC_LIMITS["image_elements"] or len(classes) > SYNTHETIC_LIMITS["classes"]
+            or not 0 < images <= SYNTHETIC_LIMITS["images"]):
+        raise DataError(f"the file asks for a synthetic dataset of {len(classes)} classes, {images} "
+                        f"images and inputs of shape {shape}, beyond what scn-eval generates (at most "
+                        f"{SYNTHETIC_LIMITS['classes']} classes, {SYNTHETIC_LIMITS['images']:,} images and "
+                        f"{SYNTHETIC_LIMITS['image_elements']:,} values per image). Evaluate it on its "
+                        "real dataset with --dataset NAME.")
 
 
-def load_dataset(name: str, header: dict, root: str | None = None):
-    """The test data `name` as scn's loaders give it, shaped like the file's dataset."""
+def _loader(info: dict, override: str | None) -> tuple[str, dict]:
+    """Which scn loader rebuilds the file's test split, and its recorded arguments."""
+    recorded = info.get("loader") if isinstance(info.get("loader"), dict) else {}
+    kwargs = recorded.get("kwargs") if isinstance(recorded.get("kwargs"), dict) else {}
+    name = override or recorded.get("name") or _BY_NAME.get(info.get("name"))
+    if name is None and info.get("name"):
+        name = "image_folder"  # an image-folder run of a file written before `loader`
+    if name not in DATASETS:
+        raise DataError(f"dataset {name!r} is not one scn-eval can load; known datasets are "
+                        f"{', '.join(DATASETS)}. Pass one with --dataset NAME.")
+    if name != recorded.get("name"):
+        kwargs = {}  # another loader's arguments do not apply
+    if not all(isinstance(v, int | str) and not isinstance(v, bool) or v is None
+               or isinstance(v, list) for v in kwargs.values()):
+        raise DataError("the file's dataset loader arguments are malformed; the file is corrupt.")
+    return name, kwargs
+
+
+def load_dataset(name: str | None, header: dict, root: str | None = None):
+    """The test data as scn's loaders give it, shaped like the file's dataset.
+
+    name: a loader (DATASETS) to use instead of the one the header records.
+    """
     from scn import data
 
     info = header.get("dataset") or {}
     shape = info.get("input_shape")
-    if name == "fashion_mnist":
+    loader, kwargs = _loader(info, name)
+    if loader == "fashion_mnist":
         dataset = data.fashion_mnist(root=root)
-    elif name == "synthetic":
-        _check_synthetic(info)
-        kw = {}
-        if info.get("classes"):
-            kw["num_classes"] = len(info["classes"])
-        if shape:
-            kw.update(channels=int(shape[0]), image_size=int(shape[1]))
-        dataset = data.synthetic(**kw)
+    elif loader == "cifar10":
+        if root is None and info.get("name") == "cifar10-jpeg" and name is None:
+            raise DataError("this model was trained on CIFAR-10 (JPEG copy), an image folder tree; "
+                            "pass --root DIR, the folder holding its train/ and test/.")
+        dataset = data.cifar10(root=root, download=root is None)
+    elif loader == "image_folder":
+        if root is None:
+            raise DataError(f"this model was trained on the image folder dataset "
+                            f"{info.get('name') or '(unnamed)'!r}; pass --root DIR, the folder "
+                            "holding its train/<class>/ and test/<class>/.")
+        if shape and not info.get("loader"):  # files written before `loader`
+            kwargs = {**kwargs, "channels": int(shape[0]), "image_size": [int(s) for s in shape[1:]]}
+        dataset = data.image_folder(root, **kwargs)
+        if info.get("classes") and dataset.classes != list(info["classes"]):
+            raise DataError(f"{root} holds the classes {dataset.classes[:5]}, but the model was "
+                            f"trained on {list(info['classes'])[:5]}; point --root at its dataset.")
     else:
-        raise DataError(f"dataset {name!r} is not one scn-eval can load; known datasets are "
-                        f"{', '.join(DATASETS)}. Pass one with --dataset NAME.")
+        _check_synthetic(info, kwargs)
+        if not kwargs:  # files written before `loader`: their classes and shape, default sizes
+            if info.get("classes"):
+                kwargs["num_classes"] = len(info["classes"])
+            if shape:
+                kwargs.update(channels=int(shape[0]), image_size=int(shape[1]))
+        dataset = data.synthetic(**kwargs)
     if shape and list(dataset.input_shape) != [int(s) for s in shape]:
-        raise DataError(f"dataset {name} has inputs of shape {list(dataset.input_shape)} but the "
-                        f"model was trained on {list(shape)}; pick a matching --dataset.")
+        raise DataError(f"dataset {dataset.name} has inputs of shape {list(dataset.input_shape)} but "
+                        f"the model was trained on {list(shape)}; pick a matching --dataset.")
     if info.get("mean") and info.get("std") and len(info["mean"]) == dataset.input_shape[0]:
         dataset.mean = torch.tensor(info["mean"], dtype=torch.float32)  # the model's preprocessing
         dataset.std = torch.tensor(info["std"], dtype=torch.float32)
@@ -122,11 +160,11 @@ def measure(path: str | Path, dataset: str | None = None, root: str | None = Non
     the same arithmetic gives the same predictions the run reported, bit for bit.
     """
     model, header = scn_format.load(path, device=device)
-    name = dataset or (header.get("dataset") or {}).get("name")
-    if not name:
+    if not dataset and not (header.get("dataset") or {}).get("name"):
         raise DataError(f"{path} does not name the dataset it was trained on; pass --dataset NAME "
                         f"({', '.join(DATASETS)}).")
-    data = load_dataset(name, header, root)
+    data = load_dataset(dataset, header, root)
+    name = data.name
     if data.num_classes != _num_outputs(model):
         raise DataError(f"dataset {name} has {data.num_classes} classes but the model has "
                         f"{_num_outputs(model)} outputs; pick the dataset it was trained on.")
@@ -175,7 +213,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="a .scn file (written by scn.save)")
     p.add_argument("--dataset", metavar="NAME",
                    help=f"evaluate on this dataset instead of the one the file names ({', '.join(DATASETS)})")
-    p.add_argument("--root", metavar="DIR", help="where the fashion_mnist IDX files are")
+    p.add_argument("--root", metavar="DIR",
+                   help="where the data is: the Fashion-MNIST IDX files, the CIFAR-10 copy, or the "
+                        "image folder holding train/ and test/ (needed for image folders)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     p.add_argument("--batch-size", type=int, default=1000, help="test batch size (default 1000)")
     p.add_argument("--nchw", action="store_true",

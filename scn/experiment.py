@@ -91,9 +91,27 @@ class Experiment:
                 "trainer.batch_size, or dataset.image_size).")
 
     def dataset_info(self) -> dict:
-        return {"name": self.data.name, "classes": self.data.classes,
+        info = {"name": self.data.name, "classes": self.data.classes,
                 "input_shape": list(self.data.input_shape),
                 "mean": self.data.mean.tolist(), "std": self.data.std.tolist()}
+        loader = loader_of((self.config or {}).get("dataset"))
+        return {**info, "loader": loader} if loader else info
+
+
+# The loader arguments a file records so scn-eval can rebuild the test split; never a path
+# (root, cache_dir: a file is shared, the data's place is the reader's to say with --root).
+_LOADER_KEYS = {"fashion_mnist": (), "cifar10": (), "image_folder": ("image_size", "channels", "name"),
+                "synthetic": ("num_train", "num_test", "num_classes", "image_size", "channels", "seed")}
+
+
+def loader_of(dataset_config: dict | None) -> dict | None:
+    """{"name": loader, "kwargs": {...}} for one of scn's own dataset loaders, else None."""
+    target = str((dataset_config or {}).get("_target_", ""))
+    name = target.rpartition(".")[2]
+    if not target.startswith("scn.data.") or name not in _LOADER_KEYS:
+        return None
+    return {"name": name, "kwargs": {k: dataset_config[k] for k in _LOADER_KEYS[name]
+                                     if dataset_config.get(k) is not None}}
 
 
 # Keys that change nothing about the result: a run differing only in these is the same run
