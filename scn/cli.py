@@ -23,7 +23,7 @@ from scn.errors import ConfigError, DataError, NumericalError, ScnError
 from scn.train import TrainConfig
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
-GROUPS = ("dataset", "model", "quant", "size_loss", "trainer")
+GROUPS = ("dataset", "model", "quant", "size_loss", "trainer", "logger")
 # Every top-level key configs/train.yaml composes; anything else is a typo (e.g. +colour=red).
 TOP_LEVEL = {"seed": int, "resume": bool}
 
@@ -140,10 +140,11 @@ def build_experiment(cfg: DictConfig) -> experiment.Experiment:
     model = _instantiate(cfg, "model")
     with torch.device("meta"):  # the model's own range checks, before any data (allocates nothing)
         model()
+    logger = _instantiate(cfg, "logger") if cfg.get("logger") else None  # logger=csv: none
     data = _instantiate(cfg, "dataset")
     exp = experiment.Experiment(
         data=data, model=model, scheme=scheme, schedule=schedule, trainer=trainer,
-        seed=cfg.seed, config=OmegaConf.to_container(cfg, resolve=True),
+        seed=cfg.seed, config=OmegaConf.to_container(cfg, resolve=True), logger=logger,
     )
     exp.check_fits()  # on the meta device: inputs that fit the model, memory that fits the device
     exp.build_model()  # milliseconds; a bad model setting fails here, before training starts

@@ -123,7 +123,7 @@ def _finite_json(text):
     return json.loads(text, parse_float=number, parse_constant=constant)
 
 
-def header_of(raw: bytes, name: str, fmt: str, version: int,
+def header_of(raw: bytes, name: str, fmt: str, version: int | tuple[int, ...],
               finite: bool = True) -> tuple[dict, int, dict]:
     """(scn header, safetensors header length, safetensors header), format and version checked.
 
@@ -145,10 +145,13 @@ def header_of(raw: bytes, name: str, fmt: str, version: int,
         if isinstance(found, str) and found in KINDS:
             raise FormatError(f"{name} is {KINDS[found][0]}, not {KINDS[fmt][0]}." + _hint(found, fmt))
         raise foreign(name, fmt, f"its header names the format {found!r}")
-    if header.get("version") != version:
-        raise FormatError(f"{name} is version {header.get('version')!r} of the {KINDS[fmt][2]} format; this "
-                          f"scn reads version {version}. Use the scn release that wrote it (or "
-                          f"upgrade scn); if the file should be version {version}, it is corrupt.")
+    versions = version if isinstance(version, tuple) else (version,)
+    found_version = header.get("version")
+    if isinstance(found_version, bool) or found_version not in versions:
+        known = " or ".join(str(v) for v in versions)
+        raise FormatError(f"{name} is version {found_version!r} of the {KINDS[fmt][2]} format; this "
+                          f"scn reads version {known}. Use the scn release that wrote it (or "
+                          f"upgrade scn); if the file should be version {known}, it is corrupt.")
     return header, n, st_header
 
 

@@ -4,6 +4,9 @@
     scn-eval model.scn --json               the same as one JSON object
     scn-eval model.scn --dataset synthetic  evaluate on another dataset (same input shape)
     scn-eval model.scn --export out.safetensors   a plain float state_dict of the shrunk model
+    scn-eval model.scn --onnx out.onnx      ONNX with integer weights (--onnx-form float: floats),
+                                            checked against scn on the test set (onnxruntime)
+    scn-eval model.scn --entropy-code out.scn   the same model, its payload entropy coded
 
 The model is evaluated with the normalisation it was trained with (the mean and std in the
 file's header), on the test split of the dataset its header names.
@@ -23,6 +26,7 @@ from torch import nn
 
 from scn import format as scn_format
 from scn import io, size
+from scn.data import ImageData
 from scn.errors import DataError, ScnError
 from scn.evaluation import evaluate
 from scn.quant import sc_layers
@@ -153,8 +157,8 @@ def export(model: nn.Module, header: dict, path: str | Path) -> list[str]:
 
 def measure(path: str | Path, dataset: str | None = None, root: str | None = None,
             device: str = "cpu", batch_size: int = 1000,
-            channels_last: bool = True) -> tuple[dict, nn.Module, dict]:
-    """Decode `path`, evaluate it; returns (results, model, header).
+            channels_last: bool = True) -> tuple[dict, nn.Module, dict, ImageData]:
+    """Decode `path`, evaluate it; returns (results, model, header, test data).
 
     Evaluation runs as scn-train's does (channels-last layout, batches of 1000 by default), so
     the same arithmetic gives the same predictions the run reported, bit for bit.
@@ -190,7 +194,7 @@ def measure(path: str | Path, dataset: str | None = None, root: str | None = Non
         "channels_left": {k: v[0] for k, v in rep.channels.items()},
         "channels_original": {k: v[1] for k, v in rep.channels.items()},
     }
-    return results, model, header
+    return results, model, header, data
 
 
 def _text(r: dict) -> str:
@@ -223,22 +227,63 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--export", metavar="OUT.safetensors",
                    help="also write a plain float state_dict of the shrunk model")
+    p.add_argument("--onnx", metavar="OUT.onnx", help="also write the shrunk network as ONNX and "
+                   "compare it with scn on the test set (needs the onnx extra)")
+    p.add_argument("--onnx-form", choices=("qdq", "float"), default="qdq",
+                   help="qdq (default): integer codes and power-of-two scales through "
+                        "DequantizeLinear; float: float32 weights, BatchNorm folded")
+    p.add_argument("--onnx-normalize", action="store_true",
+                   help="fold the dataset's normalisation into the ONNX graph (it then takes pixel "
+                        "values in [0, 1]); default: it takes what the model takes, normalised images")
+    p.add_argument("--entropy-code", metavar="OUT.scn",
+                   help="also write the model as a .scn file with an entropy-coded payload")
     p.add_argument("--force", action="store_true",
-                   help="let --export replace an existing file (never the file being read)")
+                   help="let --export, --onnx and --entropy-code replace an existing file (never "
+                        "the file being read)")
     return p
 
 
-def _check_export(source: str, target: str | None, force: bool) -> None:
-    """--export never replaces the file it reads, and replaces another only with --force."""
+def _check_export(source: str, target: str | None, force: bool, option: str = "--export") -> None:
+    """An output never replaces the file being read, and replaces another only with --force."""
     if target is None:
         return
     out, src = Path(target), Path(source)
     if out.resolve() == src.resolve() or (out.exists() and src.exists() and out.samefile(src)):
-        raise ScnError(f"--export {target} is the file being read; scn-eval never overwrites its "
+        raise ScnError(f"{option} {target} is the file being read; scn-eval never overwrites its "
                        "input. Give another output path.")
     if out.exists() and not force:
-        raise ScnError(f"--export {target} already exists; scn-eval does not replace files unless "
+        raise ScnError(f"{option} {target} already exists; scn-eval does not replace files unless "
                        "asked. Give another path, or add --force to replace it.")
+
+
+def _write(target: str, write) -> int:
+    try:
+        return write()
+    except OSError as exc:
+        raise ScnError(f"cannot write {target}: {exc.strerror or exc}.") from None
+
+
+def _deploy(args: argparse.Namespace, results: dict, model: nn.Module, header: dict,
+            data: ImageData) -> None:
+    """--onnx and --entropy-code: write the file, and say how it compares."""
+    info = header.get("dataset") or {}
+    if args.onnx:
+        from scn import onnx_export
+
+        norm = {"mean": data.mean.tolist(), "std": data.std.tolist()} if args.onnx_normalize else None
+        nbytes = _write(args.onnx, lambda: onnx_export.export_onnx(
+            model, args.onnx, args.onnx_form, tuple(data.input_shape), norm))
+        inputs = data.normalize(data.test_x)
+        raw = data.test_x.float() / 255 if norm else None
+        results.update(onnx=str(args.onnx), onnx_form=args.onnx_form, onnx_bytes=nbytes,
+                       **onnx_export.compare(args.onnx, model.to(memory_format=torch.contiguous_format),
+                                             inputs, raw))
+    if args.entropy_code:
+        nbytes = _write(args.entropy_code, lambda: scn_format.save(model, args.entropy_code, info or None,
+                                                                   entropy_coded=True))
+        coded = scn_format.read_header(args.entropy_code).get("coding") is not None
+        results.update(entropy_coded=str(args.entropy_code), entropy_coded_bytes=nbytes,
+                       entropy_coded_vs_ideal=nbytes / results["ideal_bytes"], entropy_coding_used=coded)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,9 +293,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ScnError(f"--batch-size={args.batch_size} must be a positive integer.")
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise ScnError(f"--device={args.device} but CUDA is not available here; use --device cpu.")
-        _check_export(args.path, args.export, args.force)
-        results, model, header = measure(args.path, args.dataset, args.root, args.device,
-                                         args.batch_size, channels_last=not args.nchw)
+        for option, target in (("--export", args.export), ("--onnx", args.onnx),
+                               ("--entropy-code", args.entropy_code)):
+            _check_export(args.path, target, args.force, option)
+        results, model, header, data = measure(args.path, args.dataset, args.root, args.device,
+                                               args.batch_size, channels_last=not args.nchw)
+        _deploy(args, results, model.cpu(), header, data.to("cpu"))
         if args.export:
             results["export"] = str(args.export)
             try:
@@ -261,11 +309,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scn-eval: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(results) if args.json else _text(results))
-    if args.export and not args.json:
-        print(f"  exported       {args.export}" + (
-            f" (layers {', '.join(results['input_offset_layers'])} keep an input_offset)"
-            if results["input_offset_layers"] else ""))
+    if not args.json:
+        _print_outputs(args, results)
     return 0
+
+
+def _print_outputs(args: argparse.Namespace, r: dict) -> None:
+    if args.export:
+        print(f"  exported       {args.export}" + (
+            f" (layers {', '.join(r['input_offset_layers'])} keep an input_offset)"
+            if r["input_offset_layers"] else ""))
+    if args.onnx:
+        print(f"  onnx ({r['onnx_form']})    {args.onnx}: {r['onnx_bytes']:,} bytes; onnxruntime agrees on "
+              f"{100 * r['onnx_equal_predictions']:.2f}% of {r['onnx_images']} predictions, largest "
+              f"logit difference {r['onnx_max_logit_diff']:.2g}")
+    if args.entropy_code:
+        how = "entropy coded" if r["entropy_coding_used"] else "plain (coding would not make it smaller)"
+        print(f"  entropy coded  {args.entropy_code}: {r['entropy_coded_bytes']:,} bytes, {how}; "
+              f"{r['entropy_coded_vs_ideal']:.3f}x the ideal")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from scn import format as scn_format
 from scn import resume as train_state
 from scn.data import ImageData
 from scn.errors import ConfigError, FormatError, ScnError
+from scn.loggers import Logger
 from scn.methods import Method, quantize_
 from scn.report import machine
 from scn.run_folder import RunFolder
@@ -49,6 +50,7 @@ class Experiment:
     trainer: TrainConfig
     seed: int = 0
     config: dict | None = None  # the resolved config, recorded in summary.json
+    logger: Logger | None = None  # beside the run folder's CSVs (scn.loggers); None: CSVs only
 
     def build_model(self) -> torch.nn.Module:
         c, h, _ = self.data.input_shape
@@ -119,11 +121,11 @@ def loader_of(dataset_config: dict | None) -> dict | None:
 # uninterrupted one).
 _HASH_IGNORED = {("trainer", "progress"), ("trainer", "log_every"), ("trainer", "checkpoint_every"),
                  ("trainer", "pause_after_steps")}
-_HASH_IGNORED_TOP = {"hydra", "resume"}
+_HASH_IGNORED_TOP = {"hydra", "resume", "logger"}
 # Settings added after runs were made, at the value that does what those runs did: left out of
 # the hash, so that a new setting does not turn every finished run into "another config".
 _HASH_NEUTRAL = {("trainer", "channel_multiple"): 1, ("trainer", "recalibrate_bn"): 0,
-                 ("trainer", "freeze_quant"): 0.0}
+                 ("trainer", "freeze_quant"): 0.0, ("trainer", "entropy_code"): False}
 
 
 def _hashed(config: dict | None) -> dict:
@@ -259,7 +261,7 @@ def _run(exp: Experiment, run_dir: Path, digest: str, state: train_state.State |
     run_dir.mkdir(parents=True, exist_ok=True)
     model = train_state.build_model(state) if state else exp.build_model()
     folder = RunFolder(run_dir, model, _title(exp), exp.dataset_info(), digest, exp.config, state,
-                       packs=exp.scheme.packs)
+                       packs=exp.scheme.packs, logger=exp.logger)
     started = time.time()
     base = {"status": "running", "config_hash": digest, "config": exp.config, "machine": machine()}
     io.write_json(run_dir / "summary.json", base)
@@ -280,7 +282,8 @@ def _run(exp: Experiment, run_dir: Path, digest: str, state: train_state.State |
         extra["flops_original"] = evaluation.flops(exp.build_model().to(example.device), example)
         checkpoint.save_checkpoint(model, run_dir / "model.safetensors", exp.dataset_info())
         if exp.scheme.packs:
-            extra["file_bytes"] = scn_format.save(model, run_dir / "model.scn", exp.dataset_info())
+            extra["file_bytes"] = scn_format.save(model, run_dir / "model.scn", exp.dataset_info(),
+                                                  entropy_coded=exp.trainer.entropy_code)
     except BaseException as exc:  # a failure must still leave an honest summary behind
         history = folder.history
         failed = {**base, "status": "failed", "error": str(exc) or type(exc).__name__,
@@ -293,6 +296,8 @@ def _run(exp: Experiment, run_dir: Path, digest: str, state: train_state.State |
         except OSError:
             pass  # the disk that failed the run may refuse this too; the error says why
         raise
+    finally:
+        folder.close()
     summary = {**_summary(exp, rep, result, base), **extra}
     if folder.resumes:
         summary["resumed_at_steps"] = folder.resumes

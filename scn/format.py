@@ -40,14 +40,15 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 from torch import nn
 
-from scn import checkpoint, container, io, surgery
+from scn import checkpoint, container, entropy, io, surgery
 from scn.errors import FormatError
 from scn.packing import pack_codes, unpack_codes
 from scn.quant import MAX_BITS, SCLayer, sc_layers
 from scn.reference import FREE_SUFFIXES
 
 FORMAT = "scn"
-VERSION = 1
+VERSION = 1  # version 2: version 1 with an entropy-coded payload (`coding` in the header)
+VERSIONS = (1, 2)
 MAX_EXPONENT = 110  # |E| <= 110 keeps every code * 2^E an exact, normal float32
 _MAX_ELEMENTS = 1 << 32  # no layer of a real model comes near; a larger one is a damaged header
 # Sizes a file's bytes can plausibly describe, checked before anything is allocated: decoded
@@ -71,10 +72,6 @@ class Packed:
     tensors: dict[str, np.ndarray]
     layers: list[dict] = field(default_factory=list)  # one per Conv2d/Linear, in model order
     floats: list[list] = field(default_factory=list)  # [name, shape] in storage order
-
-    @property
-    def payload_bytes(self) -> int:
-        return int(self.tensors["codes"].size)
 
 
 def _codes_of(name: str, layer: SCLayer, live: torch.Tensor, bits: torch.Tensor,
@@ -261,18 +258,20 @@ def serialize(packed: Packed, header: dict) -> bytes:
 
 def read_header(path: str | Path) -> dict:
     """The JSON header of a .scn file (format and version checked; data not read or verified)."""
-    return container.header_of(container.read_head(path), str(path), FORMAT, VERSION)[0]
+    return container.header_of(container.read_head(path), str(path), FORMAT, VERSIONS)[0]
 
 
 def parse(raw: bytes, name: str = "the data") -> tuple[dict, Packed]:
     """Check a whole file held in memory and split it into its header and Packed contents."""
-    header, n, st_header = container.header_of(raw, name, FORMAT, VERSION)
+    header, n, st_header = container.header_of(raw, name, FORMAT, VERSIONS)
     container.verify(raw, name, n, st_header)
+    coded = _coding(header, name)
     try:
         tensors = st_load(bytes(raw))
     except Exception as exc:  # safetensors raises several types; the user needs one message
         raise FormatError(f"{name} is corrupt: safetensors cannot read its tensors ({exc}).") from None
-    _check_dtypes(tensors)
+    if not coded:
+        _check_dtypes(tensors)
     try:
         layers, floats = header["layers"], header["floats"]
         if not (isinstance(layers, list) and isinstance(floats, list)):
@@ -298,25 +297,51 @@ def parse(raw: bytes, name: str = "the data") -> tuple[dict, Packed]:
     except (KeyError, TypeError, ValueError) as exc:
         raise FormatError(f"{name}: the header's layer tables are malformed ({exc}); the file "
                           "was not written by scn or is corrupt.") from None
+    if coded:
+        tensors = entropy.expand(tensors, layers)
+        _check_dtypes(tensors)
     return header, Packed(tensors, layers, floats)
 
 
-def save(model: nn.Module, path: str | Path, dataset: dict | None = None) -> int:
+def _coding(header: dict, name: str) -> bool:
+    """Whether the payload is entropy coded (version 2), refusing codings scn does not know."""
+    coding = header.get("coding")
+    if (header["version"] == 2) != (coding is not None):
+        raise FormatError(f"{name}: version {header['version']} with coding {coding!r}; an "
+                          "entropy-coded payload is version 2 and only that. The file is corrupt.")
+    if coding is not None and coding != {"codes": entropy.CODING}:
+        raise FormatError(f"{name} codes its payload as {coding!r}, which this scn does not "
+                          f"decode (it knows {entropy.CODING!r}). Upgrade scn.")
+    return coding is not None
+
+
+def save(model: nn.Module, path: str | Path, dataset: dict | None = None,
+         entropy_coded: bool = False) -> int:
     """Write `model` as a packed .scn file (atomically); returns the file's size in bytes.
 
     `model` must come from `scn.models.build` and `scn.quantize_` (the file names the model,
     it never holds code). `dataset` is the dataset's description (an Experiment's
     `dataset_info()`: name, classes, input_shape, mean, std), recorded for scn-eval.
+    `entropy_coded`: code the payload under its empirical distribution (scn.entropy), decoded to
+    the same model bit for bit, readable by scn releases that know version 2; written only
+    when that makes the file smaller (else the plain file).
     """
-    raw = to_bytes(model, dataset)
+    raw = to_bytes(model, dataset, entropy_coded)
     io.write_bytes(path, raw)
     return len(raw)
 
 
-def to_bytes(model: nn.Module, dataset: dict | None = None) -> bytes:
+def to_bytes(model: nn.Module, dataset: dict | None = None, entropy_coded: bool = False) -> bytes:
     """The .scn file of `model`, in memory (what `save` writes)."""
     header = {"format": FORMAT, "version": VERSION, **checkpoint.describe(model, dataset)}
-    return serialize(encode(surgery.shrunk_copy(model, checkpoint.input_shape(header))), header)
+    packed = encode(surgery.shrunk_copy(model, checkpoint.input_shape(header)))
+    plain = serialize(packed, header)
+    if not entropy_coded:
+        return plain
+    header.update(version=2, coding={"codes": entropy.CODING})
+    packed.tensors = entropy.compress(packed.tensors, packed.layers)
+    coded = serialize(packed, header)
+    return coded if len(coded) < len(plain) else plain  # the count tables can outweigh the gain
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
@@ -380,14 +405,14 @@ def file_stats(path: str | Path) -> dict:
     """Where a .scn file's bytes go: payload (codes), meta (bits, exponents), floats, the rest."""
     raw = container.read_head(path)
     size = Path(path).stat().st_size
-    _, _, st_header = container.header_of(raw, str(path), FORMAT, VERSION)
+    _, _, st_header = container.header_of(raw, str(path), FORMAT, VERSIONS)
 
     def nbytes(key: str) -> int:
         entry = st_header.get(key)
         return int(entry["data_offsets"][1]) - int(entry["data_offsets"][0]) if entry else 0
 
     try:
-        parts = {"payload_bytes": nbytes("codes"),
+        parts = {"payload_bytes": nbytes("codes") + nbytes(entropy.WORDS) + nbytes(entropy.COUNTS),
                  "meta_bytes": nbytes("bits") + nbytes("exponents"),
                  "float_bytes": nbytes("floats"), "mask_bytes": nbytes("live_inputs")}
     except (TypeError, KeyError, IndexError, ValueError):

@@ -18,6 +18,7 @@ from torch import nn
 from scn import format as scn_format
 from scn import report
 from scn import resume as train_state
+from scn.loggers import Logger
 from scn.train import Reporter, Trainer
 
 
@@ -26,7 +27,7 @@ class RunFolder(Reporter):
 
     def __init__(self, path: Path, model: nn.Module, title: str, dataset: dict, config_hash: str,
                  config: dict | None, state: train_state.State | None = None,
-                 packs: bool = True) -> None:
+                 packs: bool = True, logger: Logger | None = None) -> None:
         self.path = path
         self.model = model
         self.title = title
@@ -40,6 +41,9 @@ class RunFolder(Reporter):
         self.steps: list[dict] = rows["train_log"]
         self.resumes: list[int] = [*state.meta.get("resumes", []), state.step] if state else []
         self.checkpoint_step: int | None = state.step if state else None
+        self.logger = logger
+        if logger is not None:
+            logger.open(path, config, state.step if state else 0)
         if state:  # the CSVs hold exactly the checkpoint's rows, as an uninterrupted run's would
             self._write_rows("metrics.csv", self.history)
             self._write_rows("train_log.csv", self.steps)
@@ -50,11 +54,19 @@ class RunFolder(Reporter):
             row["file_bytes"] = len(scn_format.to_bytes(self.model, self.dataset))
         self.history.append(row)
         report.write_csv(self.path / "metrics.csv", self.history)
+        if self.logger is not None:
+            self.logger.evaluated(row)
         report.plot_curves(self.history, self.path / "curves.png", title=self.title)
 
     def logged(self, rows: list[dict]) -> None:
         self.steps.extend(rows)
         report.write_csv(self.path / "train_log.csv", self.steps)
+        if self.logger is not None:
+            self.logger.steps(rows)
+
+    def close(self) -> None:
+        if self.logger is not None:
+            self.logger.close()
 
     def checkpoint(self, trainer: Trainer) -> None:
         snapshot = train_state.capture(trainer, self.dataset, config_hash=self.config_hash,

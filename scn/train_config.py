@@ -52,6 +52,9 @@ class TrainConfig:
     pause_after_steps: int = 0
     log_every: int = 25  # steps between progress-bar updates (a host-device sync on GPU)
     progress: bool = True
+    # model.scn with an entropy-coded payload (scn.entropy; format version 2), when smaller.
+    # Changes the file, not the model: in the config hash only when on.
+    entropy_code: bool = False
 
     # Valid ranges and choices (a class attribute, not a field). scn.config checks them with
     # the field types here and, from the command line, before anything is built.

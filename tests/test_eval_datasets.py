@@ -12,6 +12,11 @@ from scn import experiment as scn_experiment
 from scn.cli import build_experiment
 
 
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCN_CACHE", str(tmp_path / "cache"))  # scn-eval's decoded folders
+
+
 def digits_tree(root: Path) -> Path:
     """A grey-scale 12x12 image folder of three classes ('bars' at three heights)."""
     for split, count in (("train", 12), ("test", 7)):
