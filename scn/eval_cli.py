@@ -293,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ScnError(f"--batch-size={args.batch_size} must be a positive integer.")
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise ScnError(f"--device={args.device} but CUDA is not available here; use --device cpu.")
+        if args.onnx:
+            from scn import onnx_export
+
+            onnx_export.require()
         for option, target in (("--export", args.export), ("--onnx", args.onnx),
                                ("--entropy-code", args.entropy_code)):
             _check_export(args.path, target, args.force, option)

@@ -35,6 +35,12 @@ FORMS = ("float", "qdq")
 INPUT, OUTPUT = "input", "logits"
 
 
+def require() -> None:
+    """Fail at once, before any work, when the onnx extra is missing."""
+    for module in ("onnx", "onnxscript", "onnxruntime"):
+        _require(module)
+
+
 def _require(module: str):
     try:
         return __import__(module)

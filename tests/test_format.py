@@ -159,7 +159,7 @@ def test_layers_round_trip_bit_for_bit(round_bits):
             assert torch.equal(a.effective_weight() / scale, b.effective_weight() / scale), name
             assert torch.equal(a.int_exponents()[a.live_out()], b.int_exponents()[a.live_out()]), name
     ideal = sum(int(size.weight_bits(layer)) for _, layer in sc_layers(net) if layer.quantized)
-    assert packed.payload_bytes <= ideal / 8 + len(sc_layers(net))
+    assert packed.tensors["codes"].size <= ideal / 8 + len(sc_layers(net))
     assert "live_inputs" in packed.tensors
 
 
@@ -362,11 +362,11 @@ def test_flipped_data_bytes_are_detected(small_file, tmp_path):
 
 def test_wrong_version_is_refused(tmp_path, monkeypatch):
     model = quantize_(build("SmallCNN", in_channels=1, num_classes=4, width=4), Scheme())
-    monkeypatch.setattr(fmt, "VERSION", 2)
-    fmt.save(model, tmp_path / "v2.scn")
+    monkeypatch.setattr(fmt, "VERSION", 3)
+    fmt.save(model, tmp_path / "v3.scn")
     monkeypatch.setattr(fmt, "VERSION", 1)
-    with pytest.raises(FormatError, match="version 2 of the .scn format; this scn reads version 1"):
-        fmt.load(tmp_path / "v2.scn")
+    with pytest.raises(FormatError, match="version 3 of the .scn format; this scn reads version 1 or 2"):
+        fmt.load(tmp_path / "v3.scn")
 
 
 def test_foreign_files_are_refused(tmp_path, trained):
