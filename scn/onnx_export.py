@@ -137,6 +137,7 @@ def _strip(proto) -> None:
         del node.metadata_props[:]
         node.doc_string = ""
     del proto.graph.value_info[:]
+    del proto.graph.metadata_props[:]
     del proto.metadata_props[:]
 
 
@@ -232,6 +233,7 @@ def export_onnx(model: nn.Module, path: str | Path, form: str = "qdq",
         # Clean the unoptimized graph's shape arithmetic; folding nothing with inputs (the
         # limits) keeps every DequantizeLinear, and so every integer weight, as it is.
         proto = onnxscript.optimizer.optimize(proto, input_size_limit=0, output_size_limit=64)
+        _strip(proto)  # what the optimizer's shape inference added back
         onnx.checker.check_model(proto)
     raw = proto.SerializeToString()
     io.write_bytes(path, raw)

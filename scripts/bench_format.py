@@ -100,7 +100,8 @@ def plot(results: list[dict], path: Path) -> None:
         a.annotate(f"{r['file_vs_ideal']:.2f}x", (j + 0.5 * width, r["file_bytes"]), ha="center",
                    va="bottom", fontsize=7, textcoords="offset points", xytext=(0, 2))
     a.set_xticks(list(x), names, rotation=25, ha="right", fontsize=8)
-    a.set(yscale="log", ylabel="bytes (log scale)", title="model size: float32, ideal, .scn file",
+    a.set(yscale="log", ylabel="bytes (log scale)",
+          title="model size: float32, ideal, .scn file, integer ONNX",
           ylim=(None, 2.5 * max(max(r["file_bytes"], r["float32_bytes"]) for r in results)))
     a.legend(loc="upper right", ncol=2, fontsize=7)
     a.grid(alpha=0.3, axis="y", which="both")
