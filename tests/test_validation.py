@@ -48,7 +48,7 @@ NO_DATA = ["dataset=fashion_mnist", "dataset.root=/no/such/folder", "dataset.dow
     ("seed=abc", "seed='abc' is invalid: it must be an integer."),
     ("resume=maybe", "resume='maybe' is invalid: it must be true or false."),
     ("+colour=red", "colour='red' is not a setting: the config has no top-level key 'colour'. "
-                    "Its valid keys are dataset, model, quant, resume, seed, size_loss, trainer."),
+                    "Its valid keys are dataset, logger, model, quant, resume, seed, size_loss, trainer."),
 ])
 def test_bad_values_fail_before_the_data_is_read(override, message):
     with pytest.raises(ConfigError) as info:
