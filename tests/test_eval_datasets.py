@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from test_image_folder import cfg, cifar_tree
+from test_image_folder import cfg, cifar_tree, fake_torchvision  # noqa: F401
 
 from scn import eval_cli
 from scn import experiment as scn_experiment
@@ -74,3 +74,15 @@ def test_synthetic_run_keeps_its_generator_settings(tmp_path, capsys, seed):
     assert eval_cli.main([str(tmp_path / "run" / "model.scn"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["test_images"] == 40 and out["test_accuracy"] == summary["test_accuracy"]
+
+
+def test_cifar10_torchvision_copy_run_evaluates_to_its_training_accuracy(tmp_path, capsys,
+                                                                         fake_torchvision):  # noqa: F811
+    batches = tmp_path / "tv" / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    (batches / "data_batch_1").write_bytes(b"")
+    overrides = ["+experiment=cifar10_resnet_cpu", "model.width=4", "trainer.batch_size=2"]
+    summary, out = train_and_eval(tmp_path, overrides, tmp_path / "tv", capsys,
+                                  ["--root", str(tmp_path / "tv")])
+    assert out["dataset"] == "cifar10" and out["test_images"] == 4
+    assert out["test_accuracy"] == summary["test_accuracy"]
