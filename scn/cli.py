@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from scn import aggregate, config, experiment, io, methods, models, schedule
+from scn import aggregate, config, distributed, experiment, io, methods, models, schedule
 from scn.errors import ConfigError, DataError, NumericalError, ScnError
 from scn.train import TrainConfig
 
@@ -135,6 +135,7 @@ def build_experiment(cfg: DictConfig) -> experiment.Experiment:
     """Validate the cheap groups first, so a typo fails before any data is read."""
     _check_top_level(cfg)
     trainer = _instantiate(cfg, "trainer")
+    distributed.check_batch(trainer.batch_size)  # under torchrun: the global batch must split evenly
     scheme = _instantiate(cfg, "quant")
     schedule = _instantiate(cfg, "size_loss")
     model = _instantiate(cfg, "model")
@@ -162,16 +163,40 @@ def _discard_empty_run_dir(run_dir: Path) -> None:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")
 def train_main(cfg: DictConfig) -> float | None:
-    """scn-train: compose dataset, model, quant, size_loss and trainer; train; write the run."""
+    """scn-train: compose dataset, model, quant, size_loss and trainer; train; write the run.
+    Under torchrun, every rank runs this; rank 0 writes the run folder (scn.distributed)."""
+    try:
+        group = distributed.start(_device_type(cfg))
+    except ScnError as exc:
+        return fail(str(exc))
+    try:
+        return _train(cfg, group)
+    finally:
+        distributed.stop()
+
+
+def _device_type(cfg: DictConfig) -> str:
+    device = str((cfg.get("trainer") or {}).get("device", "auto"))
+    return "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
+
+
+def _train(cfg: DictConfig, group: distributed.Group | None) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode.name == "MULTIRUN"
+    if group is not None:  # one run folder, rank 0's (a timestamped name may differ by rank)
+        shared = Path(distributed.broadcast_object(str(run_dir)))
+        if shared != run_dir:
+            _discard_empty_run_dir(run_dir)
+        run_dir = shared
     try:
         exp = build_experiment(cfg)
     except (ConfigError, DataError) as exc:
         _discard_empty_run_dir(run_dir)
         return fail(str(exc)) if not multirun else print(f"scn: error: {exc}", file=sys.stderr)
     done = experiment.finished_summary(run_dir, experiment.config_hash(exp.config))
+    if done is not None and group is not None and not group.main:
+        return None  # rank 0 says so
     if done is not None:  # a re-launched sweep: this job's run is already complete
         print(f"\nscn: skipped: {run_dir} already holds a finished run of this config "
               f"(test accuracy {done['test_accuracy']:.2f}% at {done['bits_per_weight']:.3f} "
@@ -190,6 +215,8 @@ def train_main(cfg: DictConfig) -> float | None:
         if multirun:
             raise  # Ctrl-C stops the whole sweep
         return fail(f"interrupted{_what_is_kept(run_dir, exc)}", code=130)
+    if group is not None and not group.main:
+        return None  # rank 0 reports
     if summary["status"] == "paused":
         print(f"\nscn: paused at step {summary['step']} of {summary['total_steps']} "
               f"(trainer.pause_after_steps); the same command with resume=true goes on. "

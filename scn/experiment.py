@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from scn import checkpoint, evaluation, io, size
+from scn import checkpoint, distributed, evaluation, followers, io, size
 from scn import format as scn_format
 from scn import resume as train_state
 from scn.data import ImageData
@@ -192,17 +192,28 @@ def run(exp: Experiment, run_dir: str | Path, resume: bool = False,
     (scn-train's: the .hydra/ files) is called only once the run has been accepted.
     """
     run_dir = Path(run_dir)
+    group = distributed.current()
+    if group is not None and not group.main:
+        return followers.follow(exp)  # rank 0 decides, writes, and says how the run ended
+    leader = followers.Leader()
     try:
-        with io.folder_lock(run_dir):
-            return _run_locked(exp, run_dir, resume, notify or (lambda message: None), record)
-    except io.FolderInUse as exc:
-        raise ScnError(f"{run_dir} is in use by another scn-train (process {exc.pid}), and one run "
-                       "folder holds one run. Wait for it to finish, or choose another folder "
-                       "(hydra.run.dir=...); nothing in the folder was changed.") from None
+        try:
+            with io.folder_lock(run_dir):
+                summary = _run_locked(exp, run_dir, resume, notify or (lambda message: None), record,
+                                      leader)
+        except io.FolderInUse as exc:
+            raise ScnError(f"{run_dir} is in use by another scn-train (process {exc.pid}), and one "
+                           "run folder holds one run. Wait for it to finish, or choose another "
+                           "folder (hydra.run.dir=...); nothing in the folder was changed.") from None
+    except ScnError as exc:
+        leader.fail(str(exc))
+        raise
+    leader.finish(summary)
+    return summary
 
 
 def _run_locked(exp: Experiment, run_dir: Path, resume: bool, notify: Callable[[str], None],
-                record: Callable[[Path], None] | None) -> dict:
+                record: Callable[[Path], None] | None, leader: followers.Leader) -> dict:
     digest = config_hash(exp.config)
     previous = read_summary(run_dir)
     if previous and previous.get("status") == "finished":
@@ -217,7 +228,7 @@ def _run_locked(exp: Experiment, run_dir: Path, resume: bool, notify: Callable[[
     if record is not None:
         record(run_dir)
     try:
-        return _run(exp, run_dir, digest, state)
+        return _run(exp, run_dir, digest, state, leader)
     except OSError as exc:  # a full disk, a folder gone: say which file, keep the traceback out
         where = f"writing {exc.filename}" if exc.filename else f"writing into {run_dir}"
         raise ScnError(f"{where} failed: {exc.strerror or exc}. Free space (or fix the folder) "
@@ -257,19 +268,24 @@ def _starting_state(exp: Experiment, run_dir: Path, digest: str, resume: bool,
     return state
 
 
-def _run(exp: Experiment, run_dir: Path, digest: str, state: train_state.State | None) -> dict:
+def _run(exp: Experiment, run_dir: Path, digest: str, state: train_state.State | None,
+         leader: followers.Leader) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     model = train_state.build_model(state) if state else exp.build_model()
     folder = RunFolder(run_dir, model, _title(exp), exp.dataset_info(), digest, exp.config, state,
                        packs=exp.scheme.packs, logger=exp.logger)
     started = time.time()
-    base = {"status": "running", "config_hash": digest, "config": exp.config, "machine": machine()}
+    group = distributed.current()
+    base = {"status": "running", "config_hash": digest, "config": exp.config, "machine": machine(),
+            "world_size": group.world_size if group else 1}
     io.write_json(run_dir / "summary.json", base)
     try:
+        leader.start(state)  # the other ranks build the same trainer now (DDP syncs them)
         trainer = Trainer(model, exp.data, exp.trainer, exp.schedule, learns_bits(model), exp.seed)
         if state:
             train_state.restore(trainer, state)
         result = trainer.run(folder)
+        leader.trained = True
         if result.paused:  # the checkpoint is written: say where the run stands, and stop
             paused = {**base, "status": "paused", "step": trainer.step,
                       "total_steps": trainer.total_steps, "wall_time_s": result.wall_time_s}
@@ -321,6 +337,7 @@ def _summary(exp: Experiment, rep: size.SizeReport, result: TrainResult, base: d
         "param_count": rep.param_count,
         "wall_time_s": result.wall_time_s,
         "status": "finished",
+        "world_size": base.get("world_size", 1),
         "step_time_s": result.step_time_s,
         "images_per_s": result.images_per_s,
         "compile_time_s": result.compile_time_s,

@@ -8,6 +8,7 @@ can serialise it and a resumed run takes exactly the uninterrupted run's steps.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from scn import optim, surgery
+from scn import distributed, optim, surgery
 from scn.data import ImageData, batches
 from scn.errors import ConfigError
 from scn.evaluation import bf16_autocast, evaluate, recalibrate_norms
@@ -78,6 +79,8 @@ class Trainer:
     def __init__(self, model: nn.Module, data: ImageData, cfg: TrainConfig,
                  schedule: Callable[[int, int], float], learn_bits: bool, seed: int = 0) -> None:
         self.cfg = cfg
+        self.dist = distributed.current()  # None: one process
+        distributed.check_batch(cfg.batch_size)
         self.device = pick_device(cfg.device)
         self.cuda = self.device.type == "cuda"
         method = model.scn_scheme  # the scn.methods config class quantize_ converted it with
@@ -214,19 +217,27 @@ class Trainer:
         if self.channels_last:  # sliced tensors come back in NCHW: restore the fast layout
             self.model.to(memory_format=torch.channels_last)
         self.size.refresh(self.device, self.graph)
-        self.forward = self.model
+        # Under torchrun, DDP around the model as it now is: a surgery changed its parameters.
+        self.forward = distributed.wrap(self.model, self.device) if self.dist else self.model
         self.compile_due = self.cfg.compile
         if self.cfg.compile:  # new shapes: compile again (the reference quantizer, which it fuses)
             if self.forward_compiled:
                 torch.compiler.reset()  # or dynamo's recompile limit would fall back to eager
-            self.forward = torch.compile(self.model)
+            self.forward = torch.compile(self.forward)
             self.forward_compiled = True
 
     def prune(self, physical: bool) -> int:
+        if self.dist:  # every rank must cut the same channels: the same b, the same statistics
+            distributed.sync_buffers(self.model)
+            distributed.check_same("bit depths", torch.cat([layer.int_bits().float() for _, layer
+                                                            in sc_layers(self.model)]))
+            # DDP holds the parameters' gradient accumulators, shapes included: let it go first.
+            self.forward = self.model
+            gc.collect()
         surgery.settle_norms(self.model, self.graph)  # fold what training saw, not stale stats
         result = surgery.prune(self.model, self.graph, physical=physical, optimizer=self.optimizer,
                                multiple=self.cfg.channel_multiple)
-        if result.total:
+        if result.total or self.dist:
             self._refresh()
         return result.total
 
@@ -256,6 +267,8 @@ class Trainer:
         pin the old parameter shapes in its gradient accumulators.
         """
         q = self.size.term()  # first: it may quantize the weights the forward pass uses
+        if self.dist:  # this rank's slice of the global batch; DDP averages the gradients
+            xb, yb = distributed.shard(xb), distributed.shard(yb)
         with bf16_autocast(self.device, self.cfg.amp):
             task = F.cross_entropy(self.forward(xb), yb)
         loss = task if q is None else task + gamma * q
@@ -264,6 +277,8 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
+        if self.dist:  # the global batch's losses, as one process computes them
+            loss, task = distributed.mean(loss), distributed.mean(task)
         return loss.detach(), task.detach(), (q.detach() if q is not None else None)
 
     def metrics_row(self, epoch: float, train_loss: float, task_loss: float, q: float,
@@ -284,6 +299,8 @@ class Trainer:
 
     def _evaluate(self, gamma: float, last: bool, reporter: Reporter) -> dict:
         """A metrics row (after the final surgery when `last`); reports the rows."""
+        if self.dist:
+            distributed.sync_buffers(self.model)  # every rank evaluates rank 0's network
         if self.cfg.recalibrate_bn:
             recalibrate_norms(self.model, self.data, self.cfg.recalibrate_bn,
                               channels_last=self.channels_last, amp=self.cfg.amp, seed=self.step)

@@ -79,8 +79,13 @@ class TrainConfig:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "auto":  # under torchrun each rank takes the GPU of its local rank
+        import os
+
+        local = int(os.environ.get("LOCAL_RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", local) if local is not None else torch.device("cuda")
     try:
         device = torch.device(name)
     except RuntimeError:
