@@ -44,9 +44,14 @@ class Group:
 _ACTIVE: Group | None = None
 
 
+def _slurm_tasks() -> int:
+    """Tasks of a SLURM job step that submitit started (hydra/launcher=slurm_ddp), else 0."""
+    return int(os.environ.get("SLURM_NTASKS", "0")) if "SUBMITIT_EXECUTOR" in os.environ else 0
+
+
 def launched() -> bool:
     """Whether this process is one of several started by torchrun (or SLURM via submitit)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or _slurm_tasks() > 1
 
 
 def local_rank() -> int:
@@ -59,6 +64,10 @@ def start(device_type: str) -> Group | None:
     if _ACTIVE is not None or not launched():
         return _ACTIVE
     backend = "nccl" if device_type == "cuda" else "gloo"
+    if "RANK" not in os.environ and _slurm_tasks() > 1:  # RANK, WORLD_SIZE, MASTER_* from SLURM's
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export()
     try:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=TIMEOUT_S))
     except (RuntimeError, ValueError) as exc:
@@ -108,8 +117,8 @@ def check_same(what: str, t: torch.Tensor) -> None:
     _collective(dist.all_reduce, low, op=dist.ReduceOp.MIN)
     _collective(dist.all_reduce, high, op=dist.ReduceOp.MAX)
     if not torch.equal(low, high):
-        raise DistributedError(f"the ranks disagree on the {what} (rank {current().rank} differs "
-                               "from another), so they would cut different channels. The ranks "
+        raise DistributedError(f"the ranks disagree on the {what} (seen by rank {current().rank}), "
+                               "so they would cut different channels. The ranks "
                                "must run the same code on the same data and seed; rerun, and "
                                "report it if it happens again.")
 
@@ -149,6 +158,78 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     # mismatch with its bucket at every step, harmlessly.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     return DistributedDataParallel(model, device_ids=ids, **{sync: False})
+
+
+_SYNCING = False  # set while a training step's forward pass runs (scn.train)
+
+
+class synced_norms:
+    """Within it, SyncBatchNorm2d layers in training mode use the global batch's statistics."""
+
+    def __init__(self, on: bool = True) -> None:
+        self.on = on
+
+    def __enter__(self):
+        global _SYNCING
+        self.before, _SYNCING = _SYNCING, self.on
+
+    def __exit__(self, *exc):
+        global _SYNCING
+        _SYNCING = self.before
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are the global batch's, over every rank.
+
+    torch's SyncBatchNorm runs on GPUs only; this runs wherever an all-reduce does (gloo on
+    CPU too). It is a BatchNorm2d to everything else (surgery slices it as one), and it
+    synchronises only inside `synced_norms()`, so evaluation and file writing stay local.
+    The statistics' all-reduce is differentiable: its backward sums the gradients of every
+    rank's loss, as one process's backward would.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and _SYNCING and current() is not None):
+            return super().forward(x)
+        c, dims = x.shape[1], (0, 2, 3)
+        local = torch.cat([x.sum(dims), (x * x).sum(dims), x.new_full((1,), x.numel() // c)])
+        total = _SumOverRanks.apply(local)
+        n = total[-1]
+        mean = total[:c] / n
+        var = total[c:2 * c] / n - mean * mean
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+                          else self.momentum)
+                self.running_mean.mul_(1 - factor).add_(factor * mean.detach())
+                self.running_var.mul_(1 - factor).add_(factor * var.detach() * n / (n - 1))
+        shape = (1, c, 1, 1)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """The sum of a tensor over ranks; its gradient is the sum of every rank's gradient."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        total = t.clone()
+        _collective(dist.all_reduce, total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        _collective(dist.all_reduce, grad)
+        return grad
+
+
+def convert_norms(model: nn.Module) -> None:
+    """Every plain BatchNorm2d of `model` becomes a SyncBatchNorm2d (same object, same state)."""
+    for m in model.modules():
+        if type(m) is nn.BatchNorm2d:
+            m.__class__ = SyncBatchNorm2d
 
 
 def _collective(fn, *args, **kwargs):

@@ -125,7 +125,8 @@ _HASH_IGNORED_TOP = {"hydra", "resume", "logger"}
 # Settings added after runs were made, at the value that does what those runs did: left out of
 # the hash, so that a new setting does not turn every finished run into "another config".
 _HASH_NEUTRAL = {("trainer", "channel_multiple"): 1, ("trainer", "recalibrate_bn"): 0,
-                 ("trainer", "freeze_quant"): 0.0, ("trainer", "entropy_code"): False}
+                 ("trainer", "freeze_quant"): 0.0, ("trainer", "entropy_code"): False,
+                 ("trainer", "sync_norms"): False}
 
 
 def _hashed(config: dict | None) -> dict:

@@ -57,7 +57,8 @@ class ChannelGraph:
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, SCLayer) or super().is_leaf_module(m, qualname)
+        return (isinstance(m, SCLayer | nn.modules.batchnorm._BatchNorm)
+                or super().is_leaf_module(m, qualname))
 
 
 class _Spaces:

@@ -218,6 +218,8 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         self.size.refresh(self.device, self.graph)
         # Under torchrun, DDP around the model as it now is: a surgery changed its parameters.
+        if self.dist and self.cfg.sync_norms:
+            distributed.convert_norms(self.model)
         self.forward = distributed.wrap(self.model, self.device) if self.dist else self.model
         self.compile_due = self.cfg.compile
         if self.cfg.compile:  # new shapes: compile again (the reference quantizer, which it fuses)
@@ -269,7 +271,7 @@ class Trainer:
         q = self.size.term()  # first: it may quantize the weights the forward pass uses
         if self.dist:  # this rank's slice of the global batch; DDP averages the gradients
             xb, yb = distributed.shard(xb), distributed.shard(yb)
-        with bf16_autocast(self.device, self.cfg.amp):
+        with bf16_autocast(self.device, self.cfg.amp), distributed.synced_norms(self.cfg.sync_norms):
             task = F.cross_entropy(self.forward(xb), yb)
         loss = task if q is None else task + gamma * q
         self.optimizer.zero_grad(set_to_none=True)

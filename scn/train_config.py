@@ -44,6 +44,9 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CUDA (CPU always runs float32)
     channels_last: bool = True
     compile: bool = False  # torch.compile the model (re-compiled after each surgery)
+    # Under torchrun: BatchNorm statistics of the whole global batch (every rank's slice), as
+    # one process computes them; off: each rank normalises with its own slice's statistics.
+    sync_norms: bool = False
     # -- bookkeeping (none of these changes the result, nor the config hash)
     checkpoint_every: int = 500  # steps between training checkpoints (resume); 0 = at the end only
     # > 0: this invocation trains at most this many steps, then writes a training checkpoint

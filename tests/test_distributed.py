@@ -97,3 +97,29 @@ def test_a_rank_that_dies_stops_the_others(tmp_path):
         proc.kill()
     assert proc.returncode != 0
     assert "rank" in err and "SIGKILL" in err  # torchrun names the rank that failed, and how
+
+
+def test_two_ranks_with_synchronised_norms_train_as_one_process(tmp_path):
+    """float64, SyncBatchNorm2d: the same per-step losses as one process with the same global
+    batch, to 1e-6, through two surgeries."""
+    script = Path(__file__).parent / "ddp_losses.py"
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.json")], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(script),
+                          str(tmp_path / "two.json")], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert a["surgeries"] == b["surgeries"] >= 1 and a["params"] == b["params"]
+    assert len(a["loss"]) == len(b["loss"]) == 16
+    assert max(abs(x - y) for x, y in zip(a["loss"], b["loss"], strict=True)) < 1e-6
+    assert a["accuracy"] == b["accuracy"]
+
+
+def test_ranks_that_disagree_on_bit_depths_stop_with_a_clear_error(tmp_path):
+    proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2",
+                           str(Path(__file__).parent / "ddp_disagree.py")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stdout.count("the ranks disagree on the bit depths") == 2, proc.stdout

@@ -225,6 +225,7 @@ def test_optuna_search_composes():
 @pytest.mark.parametrize("launcher, plugin, key, value", [
     ("parallel", "hydra_plugins.hydra_joblib_launcher", "n_jobs", -1),
     ("slurm", "hydra_plugins.hydra_submitit_launcher", "gpus_per_node", 1),
+    ("slurm_ddp", "hydra_plugins.hydra_submitit_launcher", "tasks_per_node", 4),
 ])
 def test_launcher_configs_compose(launcher, plugin, key, value):
     pytest.importorskip(plugin)

@@ -62,9 +62,9 @@ class ImageData:
                          mean=self.mean.to(device), std=self.std.to(device), **move)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 images to normalised float32."""
+        """uint8 images to normalised floats (float32 unless torch's default dtype is wider)."""
         shape = (1, -1, 1, 1)
-        return (x.float() / 255 - self.mean.view(shape)) / self.std.view(shape)
+        return (x.to(torch.get_default_dtype()) / 255 - self.mean.view(shape)) / self.std.view(shape)
 
 
 def existing_folder(root: str | Path, advice: str) -> Path:
