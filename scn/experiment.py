@@ -266,6 +266,13 @@ def _starting_state(exp: Experiment, run_dir: Path, digest: str, resume: bool,
                        "(hydra.run.dir=...).")
     notify(f"resuming {run_dir} from its training checkpoint at step {state.step} of "
            f"{state.meta['total_steps']}.")
+    group, before = distributed.current(), state.meta.get("world_size", 1)
+    if (group.world_size if group else 1) != before:
+        notify(f"the checkpoint was written by a run of {before} process(es), this one has "
+               f"{group.world_size if group else 1}: the global batch is the same, so training goes "
+               "on, but it is not bit-identical to an uninterrupted run (each rank's BatchNorm "
+               "statistics come from a slice of another size unless trainer.sync_norms=true, and "
+               "sums run in another order).")
     return state
 
 

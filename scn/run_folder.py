@@ -15,8 +15,8 @@ from pathlib import Path
 
 from torch import nn
 
+from scn import distributed, report
 from scn import format as scn_format
-from scn import report
 from scn import resume as train_state
 from scn.loggers import Logger
 from scn.train import Reporter, Trainer
@@ -69,8 +69,10 @@ class RunFolder(Reporter):
             self.logger.close()
 
     def checkpoint(self, trainer: Trainer) -> None:
+        group = distributed.current()
         snapshot = train_state.capture(trainer, self.dataset, config_hash=self.config_hash,
                                        config=self.config, resumes=self.resumes,
+                                       world_size=group.world_size if group else 1,
                                        rows={"metrics": self.history, "train_log": self.steps})
         train_state.save(train_state.path_in(self.path), snapshot)
         self.checkpoint_step = trainer.step
