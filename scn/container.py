@@ -155,6 +155,15 @@ def header_of(raw: bytes, name: str, fmt: str, version: int | tuple[int, ...],
     return header, n, st_header
 
 
+def tensor_bytes(st_header: dict, name: str) -> dict[str, int]:
+    """Each tensor's size in bytes, from a safetensors header (`split`'s)."""
+    try:
+        return {key: int(entry["data_offsets"][1]) - int(entry["data_offsets"][0])
+                for key, entry in st_header.items() if key != "__metadata__"}
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise FormatError(f"{name} is corrupt: its safetensors header is malformed.") from None
+
+
 def _hint(found: str, wanted: str) -> str:
     if found == "scn-checkpoint" and wanted == "scn":
         return (" Load it with scn.checkpoint.load_checkpoint and pack it with "

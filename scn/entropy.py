@@ -114,3 +114,15 @@ def expand(tensors: dict[str, np.ndarray], layers: list[dict]) -> dict[str, np.n
     out = {k: v for k, v in tensors.items() if k not in (WORDS, COUNTS)}
     out["codes"] = np.concatenate(streams).astype(np.uint8) if streams else np.zeros(0, np.uint8)
     return out
+
+
+def coded(header: dict, name: str) -> bool:
+    """Whether the payload is entropy coded (version 2), refusing codings scn does not know."""
+    coding = header.get("coding")
+    if (header["version"] == 2) != (coding is not None):
+        raise FormatError(f"{name}: version {header['version']} with coding {coding!r}; an "
+                          "entropy-coded payload is version 2 and only that. The file is corrupt.")
+    if coding is not None and coding != {"codes": CODING}:
+        raise FormatError(f"{name} codes its payload as {coding!r}, which this scn does not "
+                          f"decode (it knows {CODING!r}). Upgrade scn.")
+    return coding is not None

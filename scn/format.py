@@ -14,17 +14,11 @@ and lists the layers and float tensors in storage order. A few large tensors ins
 per layer keep the fixed overhead small (a safetensors entry costs ~75 bytes).
 
 Channels: before writing, a deep copy of the model goes through physical channel surgery
-(`surgery.trace` + `surgery.prune(physical=True)`), which removes every output channel whose
-bit depth is 0 together with its BatchNorm entries and its consumers' input columns, folding
-whatever constant such a channel still emitted into its consumers (`input_offset`). So dead
-channels and dead inputs are absent from the stored shapes. What surgery keeps at 0 bits (the
-last channel of a space, a channel dead in only some producers of a residual stream, a
-channel whose image cannot fold exactly) is stored with bit depth 0 and no codes: its weights
-are exactly zero. Inputs still masked after surgery (a model surgery cannot trace) are not
-stored; a per-layer bit mask records which inputs are. The decoded model is the pruned copy,
-bit for bit; surgery guarantees the pruned copy's outputs equal the original's (folding is
-exact up to float rounding, and a model pruned at the end of training, as every scn run is,
-is left untouched).
+(`surgery.shrunk_copy`): 0-bit channels leave with their BatchNorm entries and their consumers'
+input columns, any constant they still emitted folded into the consumers (`input_offset`).
+What surgery must keep at 0 bits is stored with bit depth 0 and no codes; inputs still masked
+(a model surgery cannot trace) are not stored, and a bit mask says which. The decoded model
+is the pruned copy, bit for bit. Version 2 codes the `codes` stream losslessly (scn.entropy).
 """
 
 from __future__ import annotations
@@ -265,7 +259,7 @@ def parse(raw: bytes, name: str = "the data") -> tuple[dict, Packed]:
     """Check a whole file held in memory and split it into its header and Packed contents."""
     header, n, st_header = container.header_of(raw, name, FORMAT, VERSIONS)
     container.verify(raw, name, n, st_header)
-    coded = _coding(header, name)
+    coded = entropy.coded(header, name)
     try:
         tensors = st_load(bytes(raw))
     except Exception as exc:  # safetensors raises several types; the user needs one message
@@ -301,18 +295,6 @@ def parse(raw: bytes, name: str = "the data") -> tuple[dict, Packed]:
         tensors = entropy.expand(tensors, layers)
         _check_dtypes(tensors)
     return header, Packed(tensors, layers, floats)
-
-
-def _coding(header: dict, name: str) -> bool:
-    """Whether the payload is entropy coded (version 2), refusing codings scn does not know."""
-    coding = header.get("coding")
-    if (header["version"] == 2) != (coding is not None):
-        raise FormatError(f"{name}: version {header['version']} with coding {coding!r}; an "
-                          "entropy-coded payload is version 2 and only that. The file is corrupt.")
-    if coding is not None and coding != {"codes": entropy.CODING}:
-        raise FormatError(f"{name} codes its payload as {coding!r}, which this scn does not "
-                          f"decode (it knows {entropy.CODING!r}). Upgrade scn.")
-    return coding is not None
 
 
 def save(model: nn.Module, path: str | Path, dataset: dict | None = None,
@@ -403,20 +385,11 @@ def _check_forward(model: nn.Module, shape: tuple[int, ...]) -> None:
 
 def file_stats(path: str | Path) -> dict:
     """Where a .scn file's bytes go: payload (codes), meta (bits, exponents), floats, the rest."""
-    raw = container.read_head(path)
-    size = Path(path).stat().st_size
-    _, _, st_header = container.header_of(raw, str(path), FORMAT, VERSIONS)
-
-    def nbytes(key: str) -> int:
-        entry = st_header.get(key)
-        return int(entry["data_offsets"][1]) - int(entry["data_offsets"][0]) if entry else 0
-
-    try:
-        parts = {"payload_bytes": nbytes("codes") + nbytes(entropy.WORDS) + nbytes(entropy.COUNTS),
-                 "meta_bytes": nbytes("bits") + nbytes("exponents"),
-                 "float_bytes": nbytes("floats"), "mask_bytes": nbytes("live_inputs")}
-    except (TypeError, KeyError, IndexError, ValueError):
-        raise FormatError(f"{path} is corrupt: its safetensors header is malformed.") from None
+    raw, size = container.read_head(path), Path(path).stat().st_size
+    n = container.tensor_bytes(container.header_of(raw, str(path), FORMAT, VERSIONS)[2], str(path))
+    parts = {"payload_bytes": n.get("codes", 0) + n.get(entropy.WORDS, 0) + n.get(entropy.COUNTS, 0),
+             "meta_bytes": n.get("bits", 0) + n.get("exponents", 0),
+             "float_bytes": n.get("floats", 0), "mask_bytes": n.get("live_inputs", 0)}
     return {"file_bytes": size, **parts, "overhead_bytes": size - sum(parts.values())}
 
 
