@@ -82,6 +82,11 @@ def current() -> Group | None:
     return _ACTIVE
 
 
+def world_size() -> int:
+    """Processes in this run: 1 without torchrun."""
+    return _ACTIVE.world_size if _ACTIVE is not None else 1
+
+
 def stop() -> None:
     global _ACTIVE
     if _ACTIVE is not None and dist.is_initialized():

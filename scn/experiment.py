@@ -266,10 +266,10 @@ def _starting_state(exp: Experiment, run_dir: Path, digest: str, resume: bool,
                        "(hydra.run.dir=...).")
     notify(f"resuming {run_dir} from its training checkpoint at step {state.step} of "
            f"{state.meta['total_steps']}.")
-    group, before = distributed.current(), state.meta.get("world_size", 1)
-    if (group.world_size if group else 1) != before:
+    before, now = state.meta.get("world_size", 1), distributed.world_size()
+    if now != before:
         notify(f"the checkpoint was written by a run of {before} process(es), this one has "
-               f"{group.world_size if group else 1}: the global batch is the same, so training goes "
+               f"{now}: the global batch is the same, so training goes "
                "on, but it is not bit-identical to an uninterrupted run (each rank's BatchNorm "
                "statistics come from a slice of another size unless trainer.sync_norms=true, and "
                "sums run in another order).")
@@ -283,9 +283,8 @@ def _run(exp: Experiment, run_dir: Path, digest: str, state: train_state.State |
     folder = RunFolder(run_dir, model, _title(exp), exp.dataset_info(), digest, exp.config, state,
                        packs=exp.scheme.packs, logger=exp.logger)
     started = time.time()
-    group = distributed.current()
     base = {"status": "running", "config_hash": digest, "config": exp.config, "machine": machine(),
-            "world_size": group.world_size if group else 1}
+            "world_size": distributed.world_size()}
     io.write_json(run_dir / "summary.json", base)
     try:
         leader.start(state)  # the other ranks build the same trainer now (DDP syncs them)

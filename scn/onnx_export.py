@@ -17,6 +17,7 @@ Exporting needs the `onnx` extra (onnx, onnxscript, onnxruntime) and torch >= 2.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io as _io
 import warnings
@@ -109,25 +110,13 @@ class _Normalized(nn.Module):
 
 def _export(module: nn.Module, input_shape: tuple[int, ...], optimize: bool):
     example = torch.zeros((2, *input_shape))
-    with warnings.catch_warnings(), torch.no_grad(), _quiet():
+    # torch.onnx prints its progress to stdout; a CLI's JSON output must stay clean.
+    with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(_io.StringIO()):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(module, (example,), dynamo=True, optimize=optimize,
                                     input_names=[INPUT], output_names=[OUTPUT], verbose=False,
                                     dynamic_shapes=({0: torch.export.Dim("batch")},))
     return program.model_proto
-
-
-class _quiet:
-    """torch.onnx prints its progress to stdout; a CLI's JSON output must stay clean."""
-
-    def __enter__(self):
-        import contextlib
-
-        self._redirect = contextlib.redirect_stdout(_io.StringIO())
-        self._redirect.__enter__()
-
-    def __exit__(self, *exc):
-        self._redirect.__exit__(*exc)
 
 
 def _strip(proto) -> None:
@@ -141,13 +130,13 @@ def _strip(proto) -> None:
     del proto.metadata_props[:]
 
 
-def _to_qdq(proto, model: nn.Module, prefix: str) -> int:
+def _to_qdq(proto, model: nn.Module, prefix: str) -> None:
     """Replace each quantized layer's float weight initializer by int8 codes + DequantizeLinear."""
     from onnx import helper, numpy_helper
 
     graph = proto.graph
     inits = {init.name: init for init in graph.initializer}
-    replaced, nodes = 0, []
+    nodes = []
     for name, layer in sc_layers(model):
         if not layer.quantized:
             continue
@@ -169,13 +158,11 @@ def _to_qdq(proto, model: nn.Module, prefix: str) -> int:
         nodes.append(helper.make_node("DequantizeLinear", [f"{key}_codes", f"{key}_scale",
                                                            f"{key}_zero_point"], [key], axis=0,
                                       name=f"{key}_dequantize"))
-        replaced += 1
     for node in reversed(nodes):  # ahead of every node: their inputs are initializers only
         graph.node.insert(0, node)
     for opset in proto.opset_import:
         if opset.domain in ("", "ai.onnx"):
             opset.version = max(opset.version, INT4_OPSET)
-    return replaced
 
 
 INT4_OPSET = 21  # the first opset whose DequantizeLinear takes int4

@@ -69,10 +69,9 @@ class RunFolder(Reporter):
             self.logger.close()
 
     def checkpoint(self, trainer: Trainer) -> None:
-        group = distributed.current()
         snapshot = train_state.capture(trainer, self.dataset, config_hash=self.config_hash,
                                        config=self.config, resumes=self.resumes,
-                                       world_size=group.world_size if group else 1,
+                                       world_size=distributed.world_size(),
                                        rows={"metrics": self.history, "train_log": self.steps})
         train_state.save(train_state.path_in(self.path), snapshot)
         self.checkpoint_step = trainer.step

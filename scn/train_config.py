@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 
-from scn import config
+from scn import config, distributed
 from scn.errors import ConfigError
 
 SURGERY_MODES = ("physical", "masked", "off")
@@ -83,12 +83,10 @@ class TrainConfig:
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":  # under torchrun each rank takes the GPU of its local rank
-        import os
-
-        local = int(os.environ.get("LOCAL_RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
         if not torch.cuda.is_available():
             return torch.device("cpu")
-        return torch.device("cuda", local) if local is not None else torch.device("cuda")
+        group = distributed.current()
+        return torch.device("cuda", group.local_rank) if group else torch.device("cuda")
     try:
         device = torch.device(name)
     except RuntimeError:

@@ -47,7 +47,8 @@ def timed(fn, repeat: int) -> tuple[float, object]:
 
 
 def measure(run_dir: Path, method: str, repeat: int, workdir: Path, root: str | None,
-            entropy_coded: bool = False) -> dict:
+            entropy_coded: bool = False, onnx: dict | None = None) -> dict:
+    """One record; `onnx`: the ONNX fields of a record of the same model (not exported again)."""
     model, header = checkpoint.load_checkpoint(run_dir / "model.safetensors")
     path = workdir / f"{method}.scn"
     save_s, file_bytes = timed(lambda: scn_format.save(model, path, header.get("dataset"),
@@ -74,7 +75,7 @@ def measure(run_dir: Path, method: str, repeat: int, workdir: Path, root: str | 
         "load_s": load_s,
         "format_version": scn_format.read_header(path)["version"],
         "dataset": (header.get("dataset") or {}).get("name"),
-        **onnx_sizes(loaded, header, workdir / method, root),
+        **(onnx or onnx_sizes(loaded, header, workdir / method, root)),
     }
 
 
@@ -137,8 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         for method, path, root in runs:
             results.append(measure(path, method, args.repeat, Path(tmp), root))
-            if "self_compress" in method:
-                results.append(measure(path, f"{method}_entropy", args.repeat, Path(tmp), root, True))
+            if "self_compress" in method:  # the same model: its ONNX files are the plain record's
+                onnx = {k: v for k, v in results[-1].items() if k.startswith("onnx_")}
+                results.append(measure(path, f"{method}_entropy", args.repeat, Path(tmp), root, True,
+                                       onnx))
     harness.write(args, __file__, "format", results)
     plot(results, args.out / "format.png")
     for r in results:
