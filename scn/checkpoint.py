@@ -31,13 +31,16 @@ CHECKPOINT_VERSION = 1
 
 
 def describe(model: nn.Module, dataset: dict | None = None) -> dict:
-    """The JSON header that lets a file rebuild `model` without the training config."""
-    for attr in ("scn_spec", "scn_scheme", "scn_reference"):
+    """The JSON header that lets a file rebuild `model` without the training config.
+
+    A model scn.models built is named with its arguments; any other converted model is
+    described as `{"name": null}`: loading it needs a freshly built skeleton of it.
+    """
+    for attr in ("scn_scheme", "scn_reference"):
         if not hasattr(model, attr):
-            raise ValueError(f"model lacks {attr}: build it with scn.models.build and convert "
-                             "it with scn.quantize_ before saving")
+            raise ValueError(f"model lacks {attr}: convert it with scn.quantize_ before saving")
     return {
-        "model": model.scn_spec,
+        "model": getattr(model, "scn_spec", None) or {"name": None, "kwargs": {}},
         "scheme": model.scn_scheme.header(),
         "reference": asdict(model.scn_reference),
         "dataset": dataset or {},
@@ -45,9 +48,11 @@ def describe(model: nn.Module, dataset: dict | None = None) -> dict:
 
 
 def rebuild(header: dict, shapes: dict[str, tuple[int, ...]],
-            max_scalars: int | None = None) -> nn.Module:
+            max_scalars: int | None = None, skeleton: nn.Module | None = None) -> nn.Module:
     """Build the model a header describes, with every tensor resized to `shapes`.
 
+    `skeleton`: a freshly built model of the same architecture (float, or converted), used
+    instead of scn's registry; required for models the registry did not build.
     With `max_scalars` (for files from elsewhere), the model is first built on the meta device,
     where nothing is allocated, and refused if it holds more parameters and buffers than that
     or far more modules than the file has tensors: a damaged or hostile header must not make
@@ -56,16 +61,28 @@ def rebuild(header: dict, shapes: dict[str, tuple[int, ...]],
     try:
         spec, scheme = header["model"], from_header(header["scheme"])
         reference = Reference(**header["reference"])
-        if max_scalars is not None:
-            _probe(spec, max_scalars, max_modules=16 * len(shapes) + 64)
-        model = quantize_(build(spec["name"], **spec["kwargs"]), scheme)
-    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, OverflowError) as exc:
+        if skeleton is not None:
+            model = skeleton
+            if not any(isinstance(m, (SCConv2d, SCLinear)) for m in model.modules()):
+                model = quantize_(model, scheme)
+        elif spec.get("name") is None:
+            raise FormatError("the file holds a model scn's registry does not build (saved from "
+                              "a model of your own): build the same architecture afresh and pass "
+                              "it, e.g. scn.load(path, model=torchvision.models.resnet18("
+                              "num_classes=10)).")
+        else:
+            if max_scalars is not None:
+                _probe(spec, max_scalars, max_modules=16 * len(shapes) + 64)
+            model = quantize_(build(spec["name"], **spec["kwargs"]), scheme)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, OverflowError, AttributeError) as exc:
         raise FormatError(f"the file's header does not describe a model scn can build ({exc})") from exc
     except FormatError:
         raise
     except ScnError as exc:
         raise FormatError(f"the file's header describes a model scn cannot build: {exc}") from exc
     model.scn_reference = reference
+    if "name" in spec and spec.get("name") is not None:
+        model.scn_spec = spec
     resize(model, shapes)
     return model
 
@@ -102,7 +119,10 @@ def resize(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
             tensor.data = torch.zeros(shapes[key], dtype=tensor.dtype, device=tensor.device)
     for module in model.modules():
         if isinstance(module, SCConv2d):
-            module.out_channels, module.in_channels = module.weight.shape[:2]
+            if module.groups > 1 and module.groups == module.in_channels == module.out_channels:
+                module.groups = module.weight.shape[0]  # depthwise: surgery cuts it with its input
+            module.out_channels = module.weight.shape[0]
+            module.in_channels = module.weight.shape[1] * module.groups
         elif isinstance(module, SCLinear):
             module.out_features, module.in_features = module.weight.shape
         elif isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -123,8 +143,10 @@ def read_header(path: str | Path) -> dict:
                                CHECKPOINT_VERSION)[0]
 
 
-def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild the model stored at `path` (its shrunk shape included); returns (model, header)."""
+def load_checkpoint(path: str | Path, device: str = "cpu",
+                    model: nn.Module | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild the model stored at `path` (its shrunk shape included); returns (model, header).
+    `model`: a fresh skeleton of the architecture, for models scn's registry does not build."""
     header, raw = container.read(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
     try:
         state = {k: v.to(device) for k, v in st_load(raw).items()}
@@ -135,7 +157,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[nn.Module, d
         raise FormatError(f"{path} stores NaN or infinite values in {', '.join(bad[:3])}, which no "
                           "trained scn model holds; the file is corrupt.")
     model = rebuild(header, {k: tuple(v.shape) for k, v in state.items()},
-                    max_scalars=max(1 << 24, 64 * len(raw)))  # float32 files: 1 scalar per 4 bytes
+                    max_scalars=max(1 << 24, 64 * len(raw)), skeleton=model)  # 1 scalar per 4 bytes
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -92,6 +92,11 @@ def _check_node(cfg: DictConfig, key: str) -> None:
     target = config.locate(values.get("_target_"))
     if target is None:
         return  # an unknown _target_: instantiate names it
+    supplied = ("in_channels", "num_classes", "image_size")
+    if target is models.build_torchvision:  # name: a torchvision builder, checked when built
+        config.check_arguments(models.torchvision_model, values, key, supplied=supplied,
+                               extra=("name", "init_from"))
+        return
     if target is not models.build:
         config.check_arguments(target, values, key)
         return
@@ -99,8 +104,8 @@ def _check_node(cfg: DictConfig, key: str) -> None:
     name = values.get("name")
     if name not in models.MODELS:
         raise config.invalid(f"{key}.name", name, "one of " + ", ".join(sorted(models.MODELS)))
-    config.check_arguments(models.MODELS[name], values, key, extra=("name",),
-                           supplied=("in_channels", "num_classes", "image_size"))
+    config.check_arguments(models.MODELS[name], values, key, extra=("name", "init_from"),
+                           supplied=supplied)
 
 
 def _instantiate(cfg: DictConfig, key: str, **kwargs):

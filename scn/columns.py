@@ -66,7 +66,7 @@ def columns(model: nn.Module, graph: ChannelGraph, layers: list[SCLayer],
     fixed = torch.zeros(len(spaces), dtype=dtype, device=device)
     share = torch.zeros(start, len(spaces), dtype=dtype, device=device)
     for s, space in enumerate(spaces):
-        for name, block in space.consumers:
+        for name, block, _ in space.consumers:
             layer = model.get_submodule(name)
             weights_per_channel = block * layer.kernel_numel()  # of each output, per input channel
             if name in offsets:

@@ -6,12 +6,9 @@ channel's bit depth (a 3-bit channel costs 3 bits per weight, a 0-bit channel no
 is one implementation of it.
 
 The container (scn.container: safetensors, a JSON header, a SHA-256 of the whole file) holds
-five tensors: `codes` (uint8: every quantized layer's bitstream, scn.packing), `bits` (uint8)
-and `exponents` (int8), one entry per quantized output channel, `floats` (float32: every other
-stored tensor, flattened and concatenated) and, only when some layer has dead inputs,
-`live_inputs` (uint8 bit masks). The header describes the model as `checkpoint.describe` does
-and lists the layers and float tensors in storage order. A few large tensors instead of one
-per layer keep the fixed overhead small (a safetensors entry costs ~75 bytes).
+five tensors (docs/format.md): `codes`, `bits`, `exponents`, `floats` and, only when some
+layer has dead inputs, `live_inputs`. The header describes the model as `checkpoint.describe`
+does and lists the layers and float tensors in storage order.
 
 Channels: before writing, a deep copy of the model goes through physical channel surgery
 (`surgery.shrunk_copy`): 0-bit channels leave with their BatchNorm entries and their consumers'
@@ -298,16 +295,18 @@ def parse(raw: bytes, name: str = "the data") -> tuple[dict, Packed]:
 
 
 def save(model: nn.Module, path: str | Path, dataset: dict | None = None,
-         entropy_coded: bool = False) -> int:
+         entropy_coded: bool = False, input_shape: tuple[int, ...] | None = None) -> int:
     """Write `model` as a packed .scn file (atomically); returns the file's size in bytes.
 
-    `model` must come from `scn.models.build` and `scn.quantize_` (the file names the model,
-    it never holds code). `dataset` is the dataset's description (an Experiment's
-    `dataset_info()`: name, classes, input_shape, mean, std), recorded for scn-eval.
+    `model`: any model `scn.quantize_` converted (one from `scn.models.build` is named in
+    the file, any other loads with a skeleton). `dataset`: an Experiment's `dataset_info()`,
+    for scn-eval; `input_shape` (C, H, W) lets surgery cut 0-bit channels where it has none.
     `entropy_coded`: code the payload under its empirical distribution (scn.entropy), decoded to
     the same model bit for bit, readable by scn releases that know version 2; written only
     when that makes the file smaller (else the plain file).
     """
+    if input_shape is not None:
+        dataset = {**(dataset or {}), "input_shape": [int(s) for s in input_shape]}
     raw = to_bytes(model, dataset, entropy_coded)
     io.write_bytes(path, raw)
     return len(raw)
@@ -326,15 +325,20 @@ def to_bytes(model: nn.Module, dataset: dict | None = None, entropy_coded: bool 
     return coded if len(coded) < len(plain) else plain  # the count tables can outweigh the gain
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild the model a .scn file holds; returns (model in eval mode, header)."""
+def load(path: str | Path, device: str | torch.device = "cpu",
+         model: nn.Module | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild the model a .scn file holds; returns (model in eval mode, header).
+
+    `model`: a fresh skeleton of the architecture, shrunk to the stored shapes and loaded in
+    place (needed for models scn's registry did not build)."""
     name = str(path)
     raw = container.read_bytes(path)
     header, packed = parse(raw, name)
     state = decode(packed)
     try:
         model = checkpoint.rebuild(header, {k: tuple(v.shape) for k, v in state.items()},
-                                   max_scalars=max(_MIN_SCALARS, _SCALARS_PER_BYTE * len(raw)))
+                                   max_scalars=max(_MIN_SCALARS, _SCALARS_PER_BYTE * len(raw)),
+                                   skeleton=model)
     except (KeyError, TypeError, ValueError) as exc:
         raise FormatError(f"{name}: its header does not describe a model scn can build ({exc}).") from None
     except FormatError as exc:

@@ -6,7 +6,11 @@ Plain PyTorch modules with no scn-specific code: `scn.quantize_` converts them a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
+
+from scn.torchvision_models import torchvision_model
 
 
 def conv_bn(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
@@ -133,20 +137,23 @@ class ResNet9(nn.Module):
         return self.head(self.pool(x).flatten(1)) * 0.125
 
 
-MODELS: dict[str, type[nn.Module]] = {"SmallCNN": SmallCNN, "ResNet": ResNet, "ResNet9": ResNet9}
+MODELS: dict[str, Callable[..., nn.Module]] = {"SmallCNN": SmallCNN, "ResNet": ResNet,
+                                              "ResNet9": ResNet9, "torchvision": torchvision_model}
 
 
-def build(name: str, **kwargs) -> nn.Module:
+def build(name: str, init_from: str | None = None, **kwargs) -> nn.Module:
     """Build a registered model by name and remember how, so a checkpoint can rebuild it.
 
     Only names in MODELS can be built: a checkpoint from a stranger names a class, it never
-    brings code.
+    brings code. `init_from`: a trained float state dict to start from (scn.init_from); the
+    model's description does not record it (the trained weights are what a file holds).
     """
     from scn.errors import ConfigError
 
     if name not in MODELS:
         raise ConfigError(f"model.name={name!r} is not a known model; valid choices are "
-                          f"{', '.join(sorted(MODELS))}.")
+                          f"{', '.join(sorted(MODELS))} (torchvision networks: model=torchvision "
+                          "model.name=<builder>).")
     try:
         model = MODELS[name](**kwargs)
     except TypeError as exc:
@@ -154,5 +161,14 @@ def build(name: str, **kwargs) -> nn.Module:
                           f"check the model.* keys.") from exc
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    if init_from:
+        from scn.init_from import load_float_state
+
+        load_float_state(model, init_from)
     model.scn_spec = {"name": name, "kwargs": dict(kwargs)}
     return model
+
+
+def build_torchvision(name: str, **kwargs) -> nn.Module:
+    """`model=torchvision`: `name` is the torchvision builder (scn.torchvision_models)."""
+    return build("torchvision", arch=name, **kwargs)

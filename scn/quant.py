@@ -220,16 +220,9 @@ class SCLinear(nn.Linear, SCLayer):
 def _converted(layer: nn.Module, bits: float | None, learn_bits: bool, round_bits: bool):
     kw = {"bias": layer.bias is not None, "device": layer.weight.device, "dtype": layer.weight.dtype}
     if isinstance(layer, nn.Conv2d):
-        if layer.groups != 1:
-            from scn.errors import SurgeryError
-
-            raise SurgeryError(
-                f"grouped convolution (groups={layer.groups}) is not supported by scn yet: "
-                "per-input-channel accounting and channel surgery assume groups=1."
-            )
         new = SCConv2d(
             layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-            layer.padding, layer.dilation, padding_mode=layer.padding_mode, **kw,
+            layer.padding, layer.dilation, layer.groups, padding_mode=layer.padding_mode, **kw,
         )
     else:
         new = SCLinear(layer.in_features, layer.out_features, **kw)

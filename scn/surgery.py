@@ -26,19 +26,43 @@ import torch
 from torch import nn
 
 from scn.errors import SurgeryError
-from scn.graph import ChannelGraph, Space, trace
+from scn.graph import ChannelGraph, Read, Space, Stream, trace
 from scn.quant import SCConv2d, SCLayer, sc_layers
 
 __all__ = ["ChannelGraph", "PruneResult", "Space", "prune", "settle_norms", "shrunk_copy", "trace"]
 
 
+def _constant(model: nn.Module, stream: Stream, memo: dict) -> torch.Tensor:
+    """Bool per channel: the stream's value there does not depend on the model's input."""
+    if id(stream) not in memo:
+        parts = []
+        for kind, name, *streams in stream.sources:
+            dead = ~model.get_submodule(name).live_out() if kind != "product" else None
+            if kind == "depthwise":  # dead itself, or fed a constant
+                dead = dead | _constant(model, streams[0], memo)
+            elif kind == "product":
+                dead = _constant(model, streams[0], memo) & _constant(model, streams[1], memo)
+            parts.append(dead)
+        memo[id(stream)] = torch.stack(parts).all(0)
+    return memo[id(stream)]
+
+
 def _dead_channels(model: nn.Module, space: Space) -> torch.Tensor:
-    """Bool per channel: dead in every producer of the space."""
-    dead = None
-    for name in space.producers:
-        layer_dead = ~model.get_submodule(name).live_out()
-        dead = layer_dead if dead is None else dead & layer_dead
-    return dead
+    """Bool per channel: constant in every stream of the space that a layer reads."""
+    memo: dict = {}
+    return torch.stack([_constant(model, s, memo) for s in space.streams if s.reads]).all(0)
+
+
+def _columns(read: Read, channels: torch.Tensor) -> torch.Tensor:
+    """The input features of `read.layer` that the given channel indices of its stream fill."""
+    first = (read.offset + channels) * read.block
+    return (first.view(-1, 1) + torch.arange(read.block, device=first.device)).flatten()
+
+
+def _unmasked(model: nn.Module, read: Read, n: int) -> torch.Tensor:
+    """Bool per channel of a space of n channels: still an input of the reading layer."""
+    alive = model.get_submodule(read.layer).in_alive
+    return alive[read.offset * read.block:(read.offset + n) * read.block].view(n, read.block)[:, 0]
 
 
 def _to_remove(model: nn.Module, space: Space, physical: bool) -> torch.Tensor | None:
@@ -50,8 +74,7 @@ def _to_remove(model: nn.Module, space: Space, physical: bool) -> torch.Tensor |
     if space.protected or not space.producers or not space.consumers:
         return None
     remove = _dead_channels(model, space).clone()
-    first, block = space.consumers[0]
-    unmasked = model.get_submodule(first).in_alive.view(-1, block)[:, 0]
+    unmasked = _unmasked(model, space.consumers[0], len(remove))
     if not physical:
         remove &= unmasked
     if not bool(remove.any()):
@@ -98,7 +121,7 @@ def settle_norms(model: nn.Module, graph: ChannelGraph) -> int:
     never saw. With the running mean set to the constant, eval mode agrees with training.
     Returns the number of channels changed. Call it before `prune` and before evaluating.
     """
-    names = {name for space in graph.spaces for name in space.norms}
+    names = {name for space in graph.spaces for name, _ in space.norms}
     if not names:
         return 0
     inputs = _capture_inputs(model, names, graph.input_shape)
@@ -118,15 +141,15 @@ def settle_norms(model: nn.Module, graph: ChannelGraph) -> int:
 
 
 def _dead_inputs(name: str, inputs, channels: torch.Tensor, block: int):
-    """What the given dead channels feed into layer `name`, as (values, uniform).
+    """What the given dead input channels (indices into the layer's input) feed into layer
+    `name`, as (values, uniform).
 
     values: (channels, block) for a Linear, (channels, H, W) for a conv. `inputs` holds the
     layer's input for two different model inputs: a dead channel must be the same in both,
     or the traced structure missed a path and surgery would be wrong. uniform: per channel,
     whether its image is one value everywhere (only such a channel folds exactly into a conv).
     """
-    a, b = (x[0].reshape(len(channels), block, *x.shape[2:])[channels] if x.dim() == 2
-            else x[0, channels] for x in inputs)
+    a, b = (x[0].reshape(-1, block)[channels] if x.dim() == 2 else x[0, channels] for x in inputs)
     if a.numel() and float((a - b).abs().max()) > 1e-6 * (1 + float(a.abs().max())):
         raise SurgeryError(
             f"a channel dead in every producer still varies with the input at layer {name!r}; "
@@ -139,10 +162,11 @@ def _dead_inputs(name: str, inputs, channels: torch.Tensor, block: int):
 
 
 def _fold(layer: SCLayer, channels: torch.Tensor, block: int, values: torch.Tensor) -> None:
-    """Add what the given dead input channels contribute to the layer's folded offset."""
+    """Add what the given dead input channels (indices) contribute to the layer's folded offset."""
     if not bool((values != 0).any()):
         return  # e.g. a negative BatchNorm bias through a ReLU: nothing to carry
-    w = _at_least_float32(layer.effective_weight().detach())[:, channels.repeat_interleave(block)]
+    columns = _columns(Read("", block, 0), channels)
+    w = _at_least_float32(layer.effective_weight().detach())[:, columns]
     if isinstance(layer, SCConv2d):  # uniform images: one value per channel
         contrib = torch.einsum("oihw,i->ohw", w, values.flatten(1)[:, 0]).unsqueeze(1)
     else:
@@ -172,6 +196,8 @@ def _shrink_producer(layer: SCLayer, keep: torch.Tensor, optimizer) -> None:
     if layer.input_offset.numel():
         layer.input_offset = layer.input_offset.index_select(0, keep)
     if isinstance(layer, SCConv2d):
+        if layer.groups > 1:  # depthwise: its inputs are its channels (graph.py cuts no other)
+            layer.in_channels = layer.groups = len(keep)
         layer.out_channels = len(keep)
     else:
         layer.out_features = len(keep)
@@ -206,23 +232,41 @@ class PruneResult:
         return sum(self.removed.values())
 
 
-def _remove(model: nn.Module, space: Space, remove: torch.Tensor, physical: bool, optimizer,
-            result: PruneResult) -> None:
-    keep = (~remove).nonzero().squeeze(1)
-    result.kept_out.update({name: keep for name in space.producers + space.norms})
-    for name, block in space.consumers:
-        result.kept_in[name] = (~remove.repeat_interleave(block)).nonzero().squeeze(1)
-    if not physical:
-        for name, block in space.consumers:
-            layer = model.get_submodule(name)
-            layer.in_alive = layer.in_alive & ~remove.repeat_interleave(block)
-        return
-    for name in space.producers:
-        _shrink_producer(model.get_submodule(name), keep, optimizer)
-    for name in space.norms:
-        _shrink_norm(model.get_submodule(name), keep, optimizer)
-    for name, _ in space.consumers:
-        _shrink_consumer(model.get_submodule(name), result.kept_in[name], optimizer)
+class _Cuts:
+    """Input features and norm entries to drop, gathered over every space before slicing: a
+    concatenation's reader or norm spans several spaces, at offsets that a cut would shift."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.columns: dict[str, torch.Tensor] = {}
+        self.norms: dict[str, torch.Tensor] = {}
+
+    def _mark(self, table: dict, name: str, size: int, where: torch.Tensor) -> None:
+        if name not in table:
+            table[name] = torch.zeros(size, dtype=torch.bool, device=where.device)
+        table[name][where] = True
+
+    def add(self, space: Space, remove: torch.Tensor) -> None:
+        channels = remove.nonzero().squeeze(1)
+        for read in space.consumers:
+            layer = self.model.get_submodule(read.layer)
+            self._mark(self.columns, read.layer, layer.in_alive.numel(), _columns(read, channels))
+        for name, offset in space.norms:
+            norm = self.model.get_submodule(name)
+            self._mark(self.norms, name, norm.num_features, offset + channels)
+
+    def apply(self, physical: bool, optimizer, result: PruneResult) -> None:
+        for name, drop in self.columns.items():
+            layer = self.model.get_submodule(name)
+            result.kept_in[name] = (~drop).nonzero().squeeze(1)
+            if physical:
+                _shrink_consumer(layer, result.kept_in[name], optimizer)
+            else:
+                layer.in_alive = layer.in_alive & ~drop
+        for name, drop in self.norms.items():
+            result.kept_out[name] = (~drop).nonzero().squeeze(1)
+            if physical:
+                _shrink_norm(self.model.get_submodule(name), result.kept_out[name], optimizer)
 
 
 def _foldable(model: nn.Module, space: Space, remove: torch.Tensor, inputs: dict,
@@ -230,14 +274,16 @@ def _foldable(model: nn.Module, space: Space, remove: torch.Tensor, inputs: dict
     """`remove` less the channels no conv consumer can fold exactly.
 
     A dead channel whose image varies at the borders (it carries an earlier fold through
-    zero padding) cannot be folded into a conv as one value per channel: it stays, at 0 bits.
+    zero padding, or went through a depthwise convolution) cannot be folded into a conv as one
+    value per channel: it stays, at 0 bits.
     """
-    for name, block in space.consumers:
-        layer = model.get_submodule(name)
+    for read in space.consumers:
+        layer = model.get_submodule(read.layer)
         if not isinstance(layer, SCConv2d):
             continue
-        fresh = remove & layer.in_alive.view(-1, block)[:, 0]
-        _, uniform = _dead_inputs(name, inputs[name], fresh, block)
+        fresh = remove & _unmasked(model, read, len(remove))
+        _, uniform = _dead_inputs(read.layer, inputs[read.layer],
+                                  read.offset + fresh.nonzero().squeeze(1), 1)
         if not bool(uniform.all()):
             remove = remove.clone()
             remove[fresh.nonzero().squeeze(1)[~uniform]] = False
@@ -290,21 +336,28 @@ def _prune(model: nn.Module, graph: ChannelGraph, physical: bool,
     result = PruneResult({})
     if not plan:
         return result
-    consumers = {name for space, _ in plan for name, _ in space.consumers}
+    consumers = {read.layer for space, _ in plan for read in space.consumers}
     inputs = _capture_inputs(model, consumers, graph.input_shape)
-
+    cuts = _Cuts(model)
     for space, remove in plan:
         remove = _foldable(model, space, remove, inputs, result)
         if multiple > 1 and remove.numel() >= 2 * multiple:
             remove = _to_multiple(remove, multiple)
         if remove is None or not bool(remove.any()):
             continue
-        for name, block in space.consumers:
-            layer = model.get_submodule(name)
-            fresh = remove & layer.in_alive.view(-1, block)[:, 0]  # masked earlier: folded already
-            _fold(layer, fresh, block, _dead_inputs(name, inputs[name], fresh, block)[0])
-        _remove(model, space, remove, physical, optimizer, result)
+        for read in space.consumers:
+            fresh = remove & _unmasked(model, read, len(remove))  # masked earlier: folded already
+            channels = read.offset + fresh.nonzero().squeeze(1)
+            values = _dead_inputs(read.layer, inputs[read.layer], channels, read.block)[0]
+            _fold(model.get_submodule(read.layer), channels, read.block, values)
+        keep = (~remove).nonzero().squeeze(1)
+        if physical:  # rows belong to one space: cut now; columns and norms once, at the end
+            for name in space.producers:
+                _shrink_producer(model.get_submodule(name), keep, optimizer)
+        result.kept_out.update({name: keep for name in space.producers})
+        cuts.add(space, remove)
         result.removed[space.producers[0]] = int(remove.sum())
+    cuts.apply(physical, optimizer, result)
     return result
 
 

@@ -41,7 +41,7 @@ def explicit_q(model, graph, weight: float, spread: str) -> torch.Tensor:
                    for p in space.producers]
         ste = sum(live[i] * weight * (layers[p].b - layers[p].b.detach()) / count / per_bit[i]
                   for i, p in enumerate(space.producers))
-        for name, block in space.consumers:
+        for name, block, _ in space.consumers:
             inputs[name] = inputs[name] + block * ste.sum()
     total = size.fixed_bits(model).float()
     for name, m in layers.items():

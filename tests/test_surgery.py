@@ -251,25 +251,32 @@ def test_training_with_removal_is_the_masked_run(build):
 
 
 def test_unsupported_model_is_a_clear_error():
-    class Concat(nn.Module):
+    class ChannelMean(nn.Module):
         def __init__(self):
             super().__init__()
             self.a = nn.Conv2d(1, 2, 3)
-            self.b = nn.Conv2d(1, 2, 3)
-            self.head = nn.Linear(4, 2)
+            self.head = nn.Linear(6, 2)
 
         def forward(self, x):
-            return self.head(torch.cat([self.a(x), self.b(x)], 1).mean((2, 3)))
+            return self.head(self.a(x).mean(1).flatten(1)[:, :6])
 
-    model = quantize_(Concat(), Scheme())
-    with pytest.raises(SurgeryError, match="cat"):
+    model = quantize_(ChannelMean(), Scheme())
+    with pytest.raises(SurgeryError, match="mean over other than the spatial"):
         surgery.trace(model, torch.randn(1, 1, 8, 8))
 
 
-def test_grouped_conv_is_refused():
-    net = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
-    with pytest.raises(SurgeryError, match="groups"):
-        quantize_(net, Scheme())
+def test_grouped_conv_keeps_its_channels_and_counts_its_real_weights():
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2),
+                        nn.ReLU(), nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    model = quantize_(net, Scheme(init_bits=4, quantize_first=True))
+    grouped = model[2]
+    assert grouped.weight.shape == (8, 4, 3, 3)
+    assert size.report(model).weights_stored == sum(m.weight.numel() for _, m in sc_layers(model))
+    for layer in (model[0], grouped):
+        layer.b.data[:3] = 0.2  # dead, but a cut would leave the groups unequal
+    graph = surgery.trace(model, torch.randn(1, 1, 8, 8))
+    assert surgery.prune(model, graph).total == 0
+    assert model[0].weight.shape[0] == 8 and grouped.weight.shape == (8, 4, 3, 3)
 
 
 def test_constant_of_a_dead_channel_is_folded_exactly_at_borders():

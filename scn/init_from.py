@@ -1,0 +1,56 @@
+"""`model.init_from=PATH`: start from a trained float network (self-compression as fine-tuning).
+
+The file is a state dict of the same architecture: safetensors, or a torch file read with
+`weights_only=True` (no code runs), either the dict itself or one under "state_dict" / "model".
+Parameters on the meta device (the size checks before training) are left as they are.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from scn.errors import ConfigError
+
+
+def read_state(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"model.init_from={str(path)!r} is not a file; give the path of a "
+                          "trained float state dict (.safetensors, or a torch .pt/.pth file).")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # several libraries, several error types: one message
+        raise ConfigError(f"model.init_from: {path} cannot be read as a state dict ({exc}).") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ConfigError(f"model.init_from: {path} does not hold a state dict of tensors.")
+    return state
+
+
+def load_float_state(model: nn.Module, path: str | Path) -> None:
+    """Load `path` into the float `model` (before scn.quantize_), exactly, or say what differs."""
+    if any(p.device.type == "meta" for p in model.parameters()):
+        return
+    state = read_state(path)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        detail = "; ".join(part for part in (
+            missing and f"missing {missing[:3]}", unexpected and f"unexpected {unexpected[:3]}",
+            wrong and f"other shapes for {wrong[:3]}") if part)
+        raise ConfigError(f"model.init_from: {path} is not a state dict of this model ({detail}). "
+                          "Build the model with the same model.* settings and dataset as the "
+                          "run that trained it.")
+    model.load_state_dict(state)
