@@ -30,6 +30,18 @@ CHECKPOINT_FORMAT = "scn-checkpoint"
 CHECKPOINT_VERSION = 1
 
 
+def load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """`model.load_state_dict(tensors)` keeping the model's own state-dict metadata (some
+    modules, e.g. torchvision's MNASNet, read their version from it). Unexpected keys always
+    raise; missing ones too when `strict`, else the model keeps its own values for them."""
+    state = model.state_dict()
+    missing = [k for k in state if k not in tensors]
+    if strict and missing:
+        raise RuntimeError(f"missing keys {missing[:4]}")
+    state.update(tensors)
+    model.load_state_dict(state, strict=True)
+
+
 def describe(model: nn.Module, dataset: dict | None = None) -> dict:
     """The JSON header that lets a file rebuild `model` without the training config.
 
@@ -159,7 +171,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu",
     model = rebuild(header, {k: tuple(v.shape) for k, v in state.items()},
                     max_scalars=max(1 << 24, 64 * len(raw)), skeleton=model)  # 1 scalar per 4 bytes
     try:
-        model.load_state_dict(state, strict=True)
+        load_tensors(model, state)
     except RuntimeError as exc:
         raise FormatError(f"{path}: its tensors do not fit the model its header names ({exc}).") from None
     return model.eval(), header

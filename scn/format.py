@@ -52,10 +52,7 @@ _REAL_CHECK_WORK = 1 << 30  # ~0.05 s of multiply-adds on two CPU cores
 MAX_LAYERS, MAX_FLOAT_TENSORS = 10_000, 100_000  # far beyond any CNN; a header beyond is refused
 
 
-# ---------------------------------------------------------------------------------------------
 # A model's state <-> the five tensors and the two tables of the header.
-
-
 @dataclass
 class Packed:
     """What the file stores, before serialization: tensors and the header's two tables."""
@@ -354,10 +351,18 @@ def load(path: str | Path, device: str | torch.device = "cpu",
     if missing:
         raise FormatError(f"{name} lacks tensors the model needs ({missing[:4]}); the file is corrupt.")
     try:
-        model.load_state_dict({**own, **state}, strict=True)
+        checkpoint.load_tensors(model, state, strict=False)
     except RuntimeError as exc:
         raise FormatError(f"{name}: its tensors do not fit the model its header names ({exc}).") from None
     model.eval()
+    _check_forward(model, header, name)
+    return model.to(device), header
+
+
+def _check_forward(model: nn.Module, header: dict, name: str) -> None:
+    """One forward pass at the header's input shape, to check the stored shapes fit together. A
+    real one when it is cheap (about parameters x pixels multiply-adds); else on the meta
+    device, where nothing is computed whatever the size a header declares."""
     try:
         shape = checkpoint.input_shape(header)
         if shape is not None and (len(shape) != 3 or min(shape) <= 0
@@ -366,25 +371,18 @@ def load(path: str | Path, device: str | torch.device = "cpu",
     except (AttributeError, TypeError, ValueError) as exc:
         raise FormatError(f"{name}: the header's dataset description is malformed ({exc}); the "
                           "file is corrupt.") from None
-    if shape is not None:
-        try:
-            with torch.no_grad():
-                _check_forward(model, shape)
-        except (RuntimeError, ValueError) as exc:
-            raise FormatError(f"{name}: the stored shapes do not make a working model ({exc}); "
-                              "the file is corrupt.") from None
-    return model.to(device), header
-
-
-def _check_forward(model: nn.Module, shape: tuple[int, ...]) -> None:
-    """One forward pass, to check the stored shapes fit together. A real one when it is cheap
-    (about parameters x pixels multiply-adds); else on the meta device, where nothing is
-    computed whatever the size a header declares (but each operation costs more to dispatch)."""
+    if shape is None:
+        return
     work = sum(p.numel() for p in model.parameters()) * math.prod(shape[1:])
-    if work <= _REAL_CHECK_WORK:
-        model(torch.zeros((1, *shape)))
-    else:
-        copy.deepcopy(model).to("meta")(torch.zeros((1, *shape), device="meta"))
+    try:
+        with torch.no_grad():
+            if work <= _REAL_CHECK_WORK:
+                model(torch.zeros((1, *shape)))
+            else:
+                copy.deepcopy(model).to("meta")(torch.zeros((1, *shape), device="meta"))
+    except (RuntimeError, ValueError) as exc:
+        raise FormatError(f"{name}: the stored shapes do not make a working model ({exc}); "
+                          "the file is corrupt.") from None
 
 
 def file_stats(path: str | Path) -> dict:

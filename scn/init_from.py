@@ -2,6 +2,8 @@
 
 The file is a state dict of the same architecture: safetensors, or a torch file read with
 `weights_only=True` (no code runs), either the dict itself or one under "state_dict" / "model".
+A float scn run's `model.safetensors` (quant=none) qualifies: its layers' bookkeeping buffers
+(`in_alive`, `input_offset`) are dropped when they say nothing was removed.
 Parameters on the meta device (the size checks before training) are left as they are.
 """
 
@@ -12,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from scn.checkpoint import load_tensors
 from scn.errors import ConfigError
 
 
@@ -37,11 +40,28 @@ def read_state(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+_SCN_BUFFERS = (".in_alive", ".input_offset")
+
+
+def _float_part(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """`state` without scn's layer buffers, refused where they record a quantized or cut model."""
+    if any(k.endswith(".b") and f"{k[:-2]}.e" in state for k in state):
+        raise ConfigError(f"model.init_from: {path} holds a quantized scn model (it has bit depths); "
+                          "start from a float one, e.g. the model.safetensors of a quant=none run "
+                          "(to continue a self-compressing run, resume it instead).")
+    cut = [k for k, v in state.items()
+           if (k.endswith(".in_alive") and not bool(v.all())) or (k.endswith(".input_offset") and v.any())]
+    if cut:
+        raise ConfigError(f"model.init_from: {path} holds a model with removed inputs ({cut[:2]}); "
+                          "start from an uncut float model.")
+    return {k: v for k, v in state.items() if not k.endswith(_SCN_BUFFERS)}
+
+
 def load_float_state(model: nn.Module, path: str | Path) -> None:
     """Load `path` into the float `model` (before scn.quantize_), exactly, or say what differs."""
     if any(p.device.type == "meta" for p in model.parameters()):
         return
-    state = read_state(path)
+    state = _float_part(read_state(path), Path(path))
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -53,4 +73,4 @@ def load_float_state(model: nn.Module, path: str | Path) -> None:
         raise ConfigError(f"model.init_from: {path} is not a state dict of this model ({detail}). "
                           "Build the model with the same model.* settings and dataset as the "
                           "run that trained it.")
-    model.load_state_dict(state)
+    load_tensors(model, state)

@@ -107,10 +107,13 @@ def plot_curves(history: list[dict], path: str | Path, title: str = "") -> None:
     a.plot(steps, [r["test_accuracy"] for r in history], "o-")
     a.set(xlabel="step", ylabel="test accuracy (%)", title="accuracy over training")
     a = ax[1, 1]
-    for key in [k for k in history[0] if k.startswith("channels/")]:
-        a.plot(steps, [r.get(key, float("nan")) for r in history], "o-", label=key.split("/", 1)[1])
-    a.set(xlabel="step", ylabel="output channels left", title="channels left per layer")
-    a.legend(fontsize="small", title="layer")
+    layers = [k for k in history[0] if k.startswith("channels/")]
+    for key in layers:
+        a.plot(steps, [r.get(key, float("nan")) for r in history], "o-" if len(layers) <= 12 else "-",
+               lw=None if len(layers) <= 12 else 0.8, label=key.split("/", 1)[1])
+    a.set(xlabel="step", ylabel="output channels left", title=f"channels left per layer ({len(layers)})")
+    if len(layers) <= 12:  # a legend of a deep network's layers would cover the figure
+        a.legend(fontsize="small", title="layer")
     for a in ax.flat:
         a.grid(alpha=0.3)
     if title:

@@ -132,7 +132,7 @@ def build_model(state: State) -> nn.Module:
     model = checkpoint.rebuild(state.meta["model"], {k: tuple(v.shape) for k, v in values.items()},
                                max_scalars=max(1 << 24, 64 * stored))
     try:
-        model.load_state_dict(values, strict=True)
+        checkpoint.load_tensors(model, values)
     except RuntimeError as exc:
         raise FormatError(f"the training checkpoint does not fit the model it names ({exc}).") from None
     return model
