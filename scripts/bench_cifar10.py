@@ -50,12 +50,9 @@ def main(argv: list[str] | None = None) -> None:
 def plot(results: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(1, 3, figsize=(13, 4))
     names = [r["method"] for r in results]
-    for a, key, title in ((ax[0], "test_accuracy", "test accuracy (%)"),
-                          (ax[1], "float_bits_pct", "size (% of float32 bits)"),
-                          (ax[2], "weights_left_pct", "weights left (%)")):
-        bars = a.bar(names, [r[key] for r in results])
-        a.bar_label(bars, fmt="%.2f")
-        a.set(title=title)
+    harness.bar_panels(((ax[0], "test_accuracy", "test accuracy (%)"),
+                        (ax[1], "float_bits_pct", "size (% of float32 bits)"),
+                        (ax[2], "weights_left_pct", "weights left (%)")), names, results)
     fig.suptitle(f"{results[0]['dataset']}: float vs self-compression (ResNet-9)")
     harness.save_figure(fig, path)
 

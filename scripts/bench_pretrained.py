@@ -65,12 +65,9 @@ def plot(results: list[dict], path: Path) -> None:
              "self_compress_removal_finetune": "SC fine-tune\n(removal)",
              "self_compress_scratch": "SC scratch"}
     names = [short.get(r["method"], r["method"]) for r in results]
-    for a, key, title in ((ax[0], "test_accuracy", "test accuracy (%)"),
-                          (ax[1], "bits_per_weight", "bits per weight"),
-                          (ax[2], "weights_left_pct", "weights left (%)")):
-        bars = a.bar(names, [r[key] for r in results])
-        a.bar_label(bars, fmt="%.2f")
-        a.set(title=title)
+    harness.bar_panels(((ax[0], "test_accuracy", "test accuracy (%)"),
+                        (ax[1], "bits_per_weight", "bits per weight"),
+                        (ax[2], "weights_left_pct", "weights left (%)")), names, results)
     own = [r["wall_time_s"] / 60 for r in results]
     before = [(r["total_wall_time_s"] - r["wall_time_s"]) / 60 for r in results]
     ax[3].bar(names, before, label="float start")

@@ -83,6 +83,14 @@ def read_results(path: Path) -> list[dict]:
     return json.loads(Path(path).read_text())["results"]
 
 
+def bar_panels(panels, names: list[str], results: list[dict]) -> None:
+    """One labelled bar chart per (axes, key, title) in `panels`: each result's `key` by name."""
+    for ax, key, title in panels:
+        bars = ax.bar(names, [r[key] for r in results])
+        ax.bar_label(bars, fmt="%.2f")
+        ax.set(title=title)
+
+
 def save_figure(fig, path: Path) -> None:
     fig.tight_layout()
     io.atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))

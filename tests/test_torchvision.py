@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from torch import nn
 
 torchvision = pytest.importorskip("torchvision")
+
+import check_torchvision  # noqa: E402  (scripts/, on the path through conftest)
 
 from scn import size, surgery  # noqa: E402
 from scn.data import synthetic  # noqa: E402
@@ -12,54 +13,35 @@ from scn.errors import FormatError, SurgeryError  # noqa: E402
 from scn.format import load, save  # noqa: E402
 from scn.methods import Scheme, quantize_  # noqa: E402
 from scn.models import build  # noqa: E402
-from scn.quant import sc_layers  # noqa: E402
 from scn.schedule import Constant  # noqa: E402
 from scn.train import TrainConfig, train  # noqa: E402
 
+fresh = check_torchvision.fresh
 ARCHS = ["resnet18", "mobilenet_v2", "efficientnet_b0", "densenet121", "regnet_x_400mf"]
 
 
-def fresh(arch):
-    return torchvision.models.get_model(arch, weights=None, num_classes=10)
-
-
-def killed(arch, fraction=0.3):
-    """A converted network with random statistics and a share of its channels at 0 bits."""
-    torch.manual_seed(0)
-    model = quantize_(fresh(arch), Scheme(init_bits=6)).eval()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.normal_(0, 1)  # dead channels emit real constants through activations
-            m.running_mean.normal_(0, 1)
-            m.running_var.uniform_(0.5, 2.0)
-    gen = torch.Generator().manual_seed(1)
-    for _, layer in sc_layers(model):
-        if layer.quantized:
-            layer.b.data[torch.rand(layer.b.shape, generator=gen) < fraction] = 0.2
-    return model
-
-
 @pytest.mark.parametrize("arch", ARCHS)
-def test_cut_keeps_outputs_and_loads_into_a_skeleton(arch, tmp_path):
-    model = killed(arch)
+def test_cut_keeps_outputs_and_loads_into_a_skeleton(arch):
+    """scripts/check_torchvision.py's check: random 30% of channels at 0 bits, traced, cut,
+    eval outputs compared (1e-5 relative), saved and loaded into a fresh skeleton exactly."""
+    record = check_torchvision.check(arch, max_params=1e9)
+    assert record["ok"], record
+    assert record["relative_error"] < 1e-5 and record["reload_equal"]
+    assert record["params_after"] < record["params_before"]
+    assert record["flops_after"] < record["flops_before"]
+
+
+def test_a_foreign_model_needs_its_skeleton(tmp_path):
+    model = check_torchvision.killed(fresh("resnet18"))
     x = torch.randn(2, 3, 32, 32)
     graph = surgery.trace(model, x)
     surgery.settle_norms(model, graph)
-    with torch.no_grad():
-        before = model(x)
-    params = size.report(model).param_count
-    result = surgery.prune(model, graph, physical=True)
-    with torch.no_grad():
-        after = model(x)
-    assert result.total > 0 and size.report(model).param_count < params
-    assert float((after - before).abs().max() / before.abs().max()) < 1e-5
-
-    path = tmp_path / f"{arch}.scn"
+    surgery.prune(model, graph, physical=True)
+    path = tmp_path / "resnet18.scn"
     save(model, path, input_shape=(3, 32, 32))
     with pytest.raises(FormatError, match="skeleton|build the same architecture"):
         load(path)
-    loaded, _ = load(path, model=fresh(arch))
+    loaded, _ = load(path, model=fresh("resnet18"))
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
     assert {k: v.shape for k, v in loaded.state_dict().items()} == {
