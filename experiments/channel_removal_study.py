@@ -7,7 +7,7 @@ resumes. Writes docs/results/channel_removal.json (the common benchmark shape) a
 table the study quotes.
 
     python experiments/channel_removal_study.py                 # every row (about 6 min each)
-    python experiments/channel_removal_study.py --rows float base
+    python experiments/channel_removal_study.py --rows float base_g0.1 --name channel_removal_some
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from scn.sweep import run_overrides  # noqa: E402
 # (row, lever, overrides on top of the default job as it was before the study)
 BEFORE = ["quant.live_input_grad=0", "quant.live_input_spread=flat", "size_loss=linear_warmup",
           "size_loss.gamma=0.1", "size_loss.warmup=0.2", "trainer.freeze_quant=0"]
+RECIPE = ["quant.live_input_grad=1", "quant.live_input_spread=per_bit", "size_loss=cosine",
+          "size_loss.gamma=0.3", "size_loss.warmup=0.1", "size_loss.final=0", "trainer.lr_quant=0.02"]
 ROWS = [
     ("float", "float32 reference", ["quant=none"]),
     ("base_g0.1", "scn's original term, gamma 0.1 (the default job)", []),
@@ -42,9 +44,12 @@ ROWS = [
     ("lig1_perbit_cos0.3_init6", "the recipe (previous row) starting at 6 bits instead of 3",
      ["quant.live_input_grad=1", "quant.live_input_spread=per_bit", "size_loss=cosine",
       "size_loss.gamma=0.3", "size_loss.warmup=0.1", "size_loss.final=0", "quant.init_bits=6"]),
-    ("lig1_perbit_cos0.3_lrq0.02", "the recipe with four times the bit-depth learning rate",
-     ["quant.live_input_grad=1", "quant.live_input_spread=per_bit", "size_loss=cosine",
-      "size_loss.gamma=0.3", "size_loss.warmup=0.1", "size_loss.final=0", "trainer.lr_quant=0.02"]),
+    ("lig1_perbit_cos0.3_lrq0.02", "the recipe with four times the bit-depth learning rate", RECIPE),
+    ("lig1_perbit_cos0.3_lrq0.02_const", "the recipe with the bit depths' lr constant after its "
+     "warm-up, not decaying with the weights' (trainer.quant_lr_schedule=constant)",
+     [*RECIPE, "trainer.quant_lr_schedule=constant"]),
+    ("lig1_perbit_cos0.3_lrq0.02_const_freeze", "the previous row, b and e frozen for the last quarter",
+     [*RECIPE, "trainer.quant_lr_schedule=constant", "trainer.freeze_quant=0.25"]),
     ("w32_float", "float32, width 32", ["model.width=32", "quant=none"]),
     ("w32_lig3_perbit_g0.03", "width 32, per-bit charge x3, gamma 0.03",
      ["model.width=32", "quant.live_input_grad=3", "quant.live_input_spread=per_bit",
@@ -65,8 +70,11 @@ def merged(*lists: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = harness.arguments(__doc__, runs="outputs/study", argv=argv, add=lambda p: p.add_argument(
-        "--rows", nargs="*", default=None, help="rows to run (default: all)"))
+    def options(parser) -> None:
+        parser.add_argument("--rows", nargs="*", default=None, help="rows to run (default: all)")
+        parser.add_argument("--name", default="channel_removal", help="result file stem in --out")
+
+    args = harness.arguments(__doc__, runs="outputs/study", argv=argv, add=options)
     results = []
     for name, lever, overrides in ROWS:
         if args.rows is not None and name not in args.rows:
@@ -76,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         summary = run_overrides(ov, args.runs / name)
         results.append(harness.row(name, summary, KEYS, lever=lever,
                                    overrides=" ".join(overrides)))
-    path = harness.write(args, __file__, "channel_removal", results)
+    path = harness.write(args, __file__, args.name, results)
     print("| row | lever | accuracy | bits/weight | weights left | FLOPs left | wall time |")
     print("|---|---|---|---|---|---|---|")
     for r in results:

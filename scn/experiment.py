@@ -126,7 +126,8 @@ _HASH_IGNORED_TOP = {"hydra", "resume", "logger"}
 # the hash, so that a new setting does not turn every finished run into "another config".
 _HASH_NEUTRAL = {("trainer", "channel_multiple"): 1, ("trainer", "recalibrate_bn"): 0,
                  ("trainer", "freeze_quant"): 0.0, ("trainer", "entropy_code"): False,
-                 ("trainer", "sync_norms"): False, ("model", "init_from"): None}
+                 ("trainer", "sync_norms"): False, ("model", "init_from"): None,
+                 ("trainer", "quant_lr_schedule"): "cosine"}
 
 
 def _hashed(config: dict | None) -> dict:

@@ -1,7 +1,8 @@
 """The optimizer and its schedules: AdamW for the weights, b and e in a group of their own.
 
-Every group's learning rate warms up linearly and decays along a cosine to zero; the bit
-depths and exponents can also be frozen (lr 0) for the last fraction of training
+Every group's learning rate warms up linearly and decays along a cosine to zero (the bit
+depths and exponents can instead stay constant after the warm-up,
+`trainer.quant_lr_schedule=constant`); they can also be frozen (lr 0) for the last fraction of training
 (`trainer.freeze_quant`), so the weights fine-tune on one bit allocation as the lr decays.
 `load_state` puts a training checkpoint's optimizer state back, by parameter name.
 docs/design.md says why.
@@ -131,7 +132,11 @@ def lr_lambdas(optimizer: torch.optim.Optimizer, model: nn.Module, total: int,
         return lr_factor(step, total, cfg.warmup)
 
     def quant(step: int) -> float:
-        return weights(step) if step < freeze_at else 0.0
+        if step >= freeze_at:
+            return 0.0
+        if cfg.quant_lr_schedule == "constant" and step >= cfg.warmup * total:
+            return 1.0
+        return weights(step)
 
     quant_ids = {id(p) for p in quant_parameters(model)}
     return [quant if any(id(p) in quant_ids for p in g["params"]) else weights

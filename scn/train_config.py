@@ -23,6 +23,10 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 3e-3  # weights (AdamW), with warm-up and cosine decay
     lr_quant: float = 0.005  # b and e (Adam, no weight decay)
+    # b and e's schedule: "cosine" follows the weights' (warm-up, cosine decay to 0);
+    # "constant" stays at lr_quant after the warm-up, so bit depths can still move, and regrow,
+    # late in training when a decaying gamma releases them.
+    quant_lr_schedule: str = "cosine"
     weight_decay: float = 5e-4
     warmup: float = 0.03  # fraction of training spent warming the learning rate up
     # Fraction of training, at its end, with the bit depths and exponents frozen (their lr 0):
@@ -68,6 +72,7 @@ class TrainConfig:
         "warmup": config.Range(0, 1, high_open=True), "eval_every": config.NON_NEGATIVE,
         "recalibrate_bn": config.NON_NEGATIVE, "freeze_quant": config.Range(0, 1, high_open=True),
         "log_every": config.POSITIVE, "surgery": SURGERY_MODES,
+        "quant_lr_schedule": ("cosine", "constant"),
         "prune_every": config.NON_NEGATIVE, "checkpoint_every": config.NON_NEGATIVE,
         "channel_multiple": config.POSITIVE, "pause_after_steps": config.NON_NEGATIVE,
     }

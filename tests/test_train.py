@@ -153,3 +153,25 @@ def test_freeze_quant_must_be_a_fraction_below_one():
     for bad in (-0.1, 1.0):
         with pytest.raises(ConfigError, match="freeze_quant"):
             TrainConfig(freeze_quant=bad)
+
+
+def test_constant_quant_schedule_keeps_the_bit_depths_learning_rate():
+    """quant_lr_schedule=constant: b and e warm up as the weights do, then keep lr_quant while
+    the weights' rate decays to zero; a freeze still stops them."""
+    from scn.optim import lr_lambdas, make_optimizer
+
+    m = model()
+    for schedule, freeze in (("cosine", 0.0), ("constant", 0.0), ("constant", 0.25)):
+        cfg = TrainConfig(quant_lr_schedule=schedule, warmup=0.1, freeze_quant=freeze, progress=False)
+        opt = make_optimizer(m, cfg)
+        weights, quant = lr_lambdas(opt, m, 100, cfg)
+        assert quant(0) == weights(0) < 1 and quant(5) == weights(5)  # the same warm-up
+        assert weights(99) < 0.01
+        expected = {"cosine": weights(60), "constant": 1.0}[schedule]
+        assert quant(60) == expected
+        assert quant(99) == (0.0 if freeze else expected if schedule == "constant" else weights(99))
+
+
+def test_unknown_quant_schedule_is_a_config_error():
+    with pytest.raises(ConfigError, match="quant_lr_schedule"):
+        TrainConfig(quant_lr_schedule="linear")
