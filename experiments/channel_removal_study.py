@@ -50,6 +50,11 @@ ROWS = [
      [*RECIPE, "trainer.quant_lr_schedule=constant"]),
     ("lig1_perbit_cos0.3_lrq0.02_const_freeze", "the previous row, b and e frozen for the last quarter",
      [*RECIPE, "trainer.quant_lr_schedule=constant", "trainer.freeze_quant=0.25"]),
+    ("lig10_perbit_g0.01", "per-bit charge x10, gamma 0.01: the channel charge of lig1_perbit_g0.1 "
+     "with a tenth of its pull on bits",
+     ["quant.live_input_grad=10", "quant.live_input_spread=per_bit", "size_loss.gamma=0.01"]),
+    ("lig10_perbit_g0.02", "per-bit charge x10, gamma 0.02: twice the previous row's pressure",
+     ["quant.live_input_grad=10", "quant.live_input_spread=per_bit", "size_loss.gamma=0.02"]),
     ("w32_float", "float32, width 32", ["model.width=32", "quant=none"]),
     ("w32_lig3_perbit_g0.03", "width 32, per-bit charge x3, gamma 0.03",
      ["model.width=32", "quant.live_input_grad=3", "quant.live_input_spread=per_bit",
