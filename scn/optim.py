@@ -1,9 +1,9 @@
 """The optimizer and its schedules: AdamW for the weights, b and e in a group of their own.
 
 Every group's learning rate warms up linearly and decays along a cosine to zero (the bit
-depths and exponents can instead stay constant after the warm-up,
-`trainer.quant_lr_schedule=constant`); they can also be frozen (lr 0) for the last fraction of training
-(`trainer.freeze_quant`), so the weights fine-tune on one bit allocation as the lr decays.
+depths' and exponents' can instead stay at `lr_quant` after the warm-up:
+`trainer.quant_lr_schedule=constant`); they can also be frozen (lr 0) for the last fraction of
+training (`trainer.freeze_quant`), so the weights fine-tune on one bit allocation.
 `load_state` puts a training checkpoint's optimizer state back, by parameter name.
 docs/design.md says why.
 """

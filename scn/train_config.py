@@ -23,9 +23,8 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 3e-3  # weights (AdamW), with warm-up and cosine decay
     lr_quant: float = 0.005  # b and e (Adam, no weight decay)
-    # b and e's schedule: "cosine" follows the weights' (warm-up, cosine decay to 0);
-    # "constant" stays at lr_quant after the warm-up, so bit depths can still move, and regrow,
-    # late in training when a decaying gamma releases them.
+    # b and e's schedule: "cosine" follows the weights' (warm-up, cosine decay to 0); "constant"
+    # stays at lr_quant after the warm-up, so bit depths keep moving while the weights settle.
     quant_lr_schedule: str = "cosine"
     weight_decay: float = 5e-4
     warmup: float = 0.03  # fraction of training spent warming the learning rate up
