@@ -4,14 +4,14 @@ Same model, data, epochs and seed (+experiment=fashion_mnist_cnn) for every poin
   none           float32, the accuracy reference;
   fixed          fixed-bit QAT with learned exponents at 8, 6, 4, 3 and 2 bits;
   diffq          DiffQ (pip install '.[diffq]') over its size penalty;
-  self_compress  self-compression over gamma.
+  self_compress  self-compression over gamma, and the channel-removal recipe.
 Run folders live under --runs, shared with bench_fashion_mnist.py (a run both need is trained
 once); a finished run is reused, so a killed benchmark resumes where it stopped. The table and
 plots come from scn.aggregate and scn.sweep_report, the same code as `scn-report`. The
 self-compression points are the folders of the gamma sweep, which this one command makes
 (and `scn-report` reports on):
 
-    scn-train -m +experiment=fashion_mnist_cnn size_loss.gamma=0.02,0.05,0.1,0.2,0.4 [trainer.max_epochs=2] \
+    scn-train -m +experiment=fashion_mnist_cnn size_loss.gamma=0.02,0.05,0.1,0.2,0.4,1.0 \
         hydra.sweep.dir=outputs/bench/fashion_mnist/gamma_sweep 'hydra.sweep.subdir=gamma_${size_loss.gamma}'
 
 Writes docs/results/pareto.csv, pareto.json, pareto_bytes.png and pareto_bits.png.
@@ -27,9 +27,9 @@ import harness
 from scn import aggregate, report, sweep_report
 from scn.sweep import run_overrides
 
-GAMMAS = (0.02, 0.05, 0.1, 0.2, 0.4)
+GAMMAS = (0.02, 0.05, 0.1, 0.2, 0.4, 1.0)
 FIXED_BITS = (8, 6, 4, 3, 2)
-DIFFQ_PENALTIES = (1, 3, 10, 30)
+DIFFQ_PENALTIES = (1, 3, 100, 1000)  # its penalty is on megabytes: a 0.25 MB CNN needs large ones
 
 
 def points() -> list[tuple[str, str, float | None, list[str]]]:
@@ -42,6 +42,9 @@ def points() -> list[tuple[str, str, float | None, list[str]]]:
     # The folders of the gamma sweep (module docstring): the same runs, trained once.
     pts += [(f"gamma_sweep/gamma_{g}", "self_compress", g,
              ["quant=self_compress", f"size_loss.gamma={g}"]) for g in GAMMAS]
+    # The channel-removal recipe (+experiment=fashion_mnist_removal), its gamma as the knob.
+    pts.append(("removal_recipe", "self_compress_removal", 0.3,
+                ["quant=self_compress_removal", "size_loss=kill_early", "trainer.lr_quant=0.02"]))
     return pts
 
 
