@@ -14,6 +14,10 @@ from torch import nn
 
 from scn.errors import ConfigError
 
+# Builders whose default has auxiliary classifier outputs (a tuple in training): scn trains one
+# output, so they are built without them.
+BUILDER_KWARGS = {a: {"aux_logits": False, "init_weights": True} for a in ("googlenet", "inception_v3")}
+
 
 def classification_builders() -> list[str]:
     import torchvision.models as tvm
@@ -30,8 +34,7 @@ def torchvision_model(arch: str, in_channels: int = 3, num_classes: int = 10,
     if arch not in known:
         raise ConfigError(f"model.name={arch!r} is not a torchvision classification builder; "
                           f"choose one of {', '.join(known)}.")
-    kwargs = {"aux_logits": False, "init_weights": True} if arch in ("googlenet", "inception_v3") else {}
-    model = tvm.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+    model = tvm.get_model(arch, weights=None, num_classes=num_classes, **BUILDER_KWARGS.get(arch, {}))
     _adapt_stem(model, in_channels, small_input)
     return model
 

@@ -7,7 +7,7 @@ before and after; then save it and load it into a fresh skeleton. Writes
 docs/results/torchvision.json (one record per network: `ok`, the relative output error, the
 parameters and FLOPs before and after, or the error scn gave) and torchvision.png.
 
-    python scripts/check_torchvision.py                       # every builder (about 15 minutes here)
+    python scripts/check_torchvision.py                       # every builder (about 10 minutes here)
     python scripts/check_torchvision.py mobilenet_v2 densenet121 --out /tmp/tv
 """
 
@@ -30,6 +30,7 @@ from scn import size, surgery
 from scn.errors import FormatError, SurgeryError
 from scn.evaluation import flops
 from scn.quant import sc_layers
+from scn.torchvision_models import BUILDER_KWARGS
 
 INPUT = (3, 64, 64)  # large enough for every convnet's stem to leave a spatial map
 # Networks that need larger inputs: Inception v3 (>= 75 pixels); the transformers (their patch
@@ -38,12 +39,11 @@ SIZES = {"inception_v3": 96, **{a: 224 for a in ("maxvit_t", "swin_t", "swin_s",
                                                  "swin_v2_s", "swin_v2_b", "vit_b_16", "vit_b_32",
                                                  "vit_l_16", "vit_l_32", "vit_h_14")}}
 KILLED = 0.3
-EXTRA = {a: {"aux_logits": False, "init_weights": True} for a in ("googlenet", "inception_v3")}
 
 
 def fresh(arch: str) -> nn.Module:
     """`arch` freshly initialised for 10 classes (float; a load converts its skeleton)."""
-    return torchvision.models.get_model(arch, weights=None, num_classes=10, **EXTRA.get(arch, {}))
+    return torchvision.models.get_model(arch, weights=None, num_classes=10, **BUILDER_KWARGS.get(arch, {}))
 
 
 def killed(model: nn.Module) -> nn.Module:
