@@ -55,6 +55,11 @@ ROWS = [
      ["quant.live_input_grad=10", "quant.live_input_spread=per_bit", "size_loss.gamma=0.01"]),
     ("lig10_perbit_g0.02", "per-bit charge x10, gamma 0.02: twice the previous row's pressure",
      ["quant.live_input_grad=10", "quant.live_input_spread=per_bit", "size_loss.gamma=0.02"]),
+    ("lig30_perbit_g0.005", "per-bit charge x30, gamma 0.005: the channel pull of "
+     "lig1_perbit_g0.1 with a twentieth of its pull on bits",
+     ["quant.live_input_grad=30", "quant.live_input_spread=per_bit", "size_loss.gamma=0.005"]),
+    ("lig60_perbit_g0.005", "per-bit charge x60, gamma 0.005: twice the previous row's channel pull",
+     ["quant.live_input_grad=60", "quant.live_input_spread=per_bit", "size_loss.gamma=0.005"]),
     ("w32_float", "float32, width 32", ["model.width=32", "quant=none"]),
     ("w32_lig3_perbit_g0.03", "width 32, per-bit charge x3, gamma 0.03",
      ["model.width=32", "quant.live_input_grad=3", "quant.live_input_spread=per_bit",

@@ -30,6 +30,10 @@ from scn.sweep import run_overrides
 GAMMAS = (0.02, 0.05, 0.1, 0.2, 0.4, 1.0)
 FIXED_BITS = (8, 6, 4, 3, 2)
 DIFFQ_PENALTIES = (1, 3, 100, 1000)  # its penalty is on megabytes: a 0.25 MB CNN needs large ones
+# From DiffQ's default 8 bits its bit depths move too slowly to pass 4.5 bits/weight in 8
+# epochs, whatever the penalty: these start lower, for its front below 4 bits/weight.
+DIFFQ_LOW_BITS = {"diffq_i4_p3": (4, 3), "diffq_i4_p100": (4, 100)}  # name: (init bits, penalty)
+REMOVAL_RECIPE = ["quant=self_compress_removal", "size_loss=kill_early", "trainer.lr_quant=0.02"]
 
 
 def points() -> list[tuple[str, str, float | None, list[str]]]:
@@ -39,12 +43,13 @@ def points() -> list[tuple[str, str, float | None, list[str]]]:
     # DiffQ's own default: its size penalty at full weight from the first step.
     pts += [(f"diffq_p{p:g}", "diffq", p, ["quant=diffq", "size_loss=constant", f"size_loss.gamma={p}"])
             for p in DIFFQ_PENALTIES]
+    pts += [(name, "diffq", p, ["quant=diffq", f"quant.init_bits={b}", "size_loss=constant",
+                                f"size_loss.gamma={p}"]) for name, (b, p) in DIFFQ_LOW_BITS.items()]
     # The folders of the gamma sweep (module docstring): the same runs, trained once.
     pts += [(f"gamma_sweep/gamma_{g}", "self_compress", g,
              ["quant=self_compress", f"size_loss.gamma={g}"]) for g in GAMMAS]
     # The channel-removal recipe (+experiment=fashion_mnist_removal), its gamma as the knob.
-    pts.append(("removal_recipe", "self_compress_removal", 0.3,
-                ["quant=self_compress_removal", "size_loss=kill_early", "trainer.lr_quant=0.02"]))
+    pts.append(("removal_recipe", "self_compress_removal", 0.3, REMOVAL_RECIPE))
     return pts
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import bench_cifar10
+import bench_pareto
 import harness
 import matplotlib.pyplot as plt
 from harness import ROOT
@@ -30,9 +32,14 @@ from scn.sweep import run_overrides
 FMNIST_POINTS = {  # run name -> overrides; names shared with bench_pareto.py
     "none": ["quant=none"],
     **{f"fixed{b}": ["quant=fixed", f"quant.init_bits={b}"] for b in (8, 4, 3, 2)},
+    **{name: overrides for name, method, _, overrides in bench_pareto.points()
+       if method == "diffq" and name in bench_pareto.DIFFQ_LOW_BITS},
     **{f"gamma_sweep/gamma_{g}": ["quant=self_compress", f"size_loss.gamma={g}"]
        for g in (0.02, 0.05, 0.1, 0.2, 0.4)},
+    "removal_recipe": bench_pareto.REMOVAL_RECIPE,
 }
+CIFAR_POINTS = {"none": ["quant=none"], "self_compress": ["quant=self_compress"],
+                "self_compress_removal": bench_cifar10.REMOVAL}
 
 
 def run_all(runs: Path, experiment: str, points: dict[str, list[str]], extra: list[str]) -> list[dict]:
@@ -41,6 +48,8 @@ def run_all(runs: Path, experiment: str, points: dict[str, list[str]], extra: li
     rows = [r for r in aggregate.collect(runs) if r["run_dir"] in points]
     for r in rows:
         r["run_path"] = runs / r["run_dir"]
+        if "removal" in r["run_dir"]:  # the channel-removal recipe: a series of its own
+            r["label"] = "channel removal"
     aggregate.mark_pareto(rows)
     return rows
 
@@ -80,10 +89,12 @@ def fig_bits_over_training(rows: list[dict], path: Path) -> list[dict]:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for r in sorted((r for r in rows if r["quant"] == "self_compress"), key=lambda r: r["gamma"]):
         metrics = aggregate.read_metrics(r["run_path"])
+        recipe = " channel removal" if r.get("label") == "channel removal" else ""
         ax.plot([m["step"] for m in metrics], [m["bits_per_weight"] for m in metrics], "o-",
-                label=f"γ={r['gamma']:g} ({r['test_accuracy']:.2f}%)")
-        data += [{"gamma": r["gamma"], "step": m["step"], "bits_per_weight": m["bits_per_weight"],
-                  "test_accuracy": m["test_accuracy"]} for m in metrics]
+                label=f"γ={r['gamma']:g}{recipe} ({r['test_accuracy']:.2f}%)")
+        data += [{"gamma": r["gamma"], "recipe": recipe.strip() or "default", "step": m["step"],
+                  "bits_per_weight": m["bits_per_weight"], "test_accuracy": m["test_accuracy"]}
+                 for m in metrics]
     ax.set(xlabel="training step", ylabel="bits per weight", yscale="log",
            title="Self-compression: size over training (Fashion-MNIST)")
     ax.legend(title="size-loss weight (final accuracy)")
@@ -111,18 +122,21 @@ def main(argv: list[str] | None = None) -> None:
     over_training = fig_bits_over_training(fm, out / "fig_bits_over_training.png")
     report.write_csv(out / "bits_over_training.csv", over_training)
 
-    best = aggregate.choose_run([r for r in fm if r["quant"] == "self_compress"])
-    tables = {f"Fashion-MNIST, SmallCNN (γ={best['gamma']:g})": layer_table(best["run_path"])}
+    best = aggregate.choose_run([r for r in fm if r["quant"] == "self_compress"
+                                 and r.get("label") != "channel removal"])
+    tables = {f"Fashion-MNIST, SmallCNN (γ={best['gamma']:g})": layer_table(best["run_path"]),
+              "Fashion-MNIST, SmallCNN, removal recipe":
+                  layer_table(next(r for r in fm if r["run_dir"] == "removal_recipe")["run_path"])}
     if not args.no_cifar:
         experiment = "cifar10_resnet" if args.full else "cifar10_resnet_cpu"
         runs = ROOT / "outputs/bench" / ("cifar10_gpu" if args.full else "cifar10_cpu")
         extra = [f"dataset.root={args.cifar_root}"] if args.cifar_root else []
-        cifar = run_all(runs, experiment, {"none": ["quant=none"],
-                                           "self_compress": ["quant=self_compress"]}, extra)
+        cifar = run_all(runs, experiment, CIFAR_POINTS, extra)
         report.write_csv(out / "accuracy_vs_size_cifar10.csv", aggregate.csv_rows(cifar))
         sweep_report.plot_pareto(cifar, "bits_per_weight", out / "fig_accuracy_vs_size_cifar10.png")
-        sc = next(r for r in cifar if r["quant"] == "self_compress")
-        tables[f"CIFAR-10, ResNet-9 ({experiment})"] = layer_table(sc["run_path"])
+        for r in cifar:
+            if r["run_dir"] != "none":
+                tables[f"CIFAR-10, ResNet-9, {r['run_dir']}"] = layer_table(r["run_path"])
     for name, rows in tables.items():
         report.write_csv(out / f"layers_{name.split(',')[0].lower().replace('-', '_')}.csv", rows)
     fig_layers(tables, "bits", "mean stored bits per weight", "Bits per layer after self-compression",

@@ -63,3 +63,11 @@ def test_bad_values_raise_config_error(overrides, match):
 def test_missing_dataset_root(tmp_path: Path):
     with pytest.raises(DataError, match="does not exist"):
         build_experiment(cfg(f"dataset.root={tmp_path / 'nowhere'}"))
+
+
+@pytest.mark.parametrize("name", [e for e in EXPERIMENTS if e != "fashion_mnist_finetune"])
+@pytest.mark.parametrize("quant", ["none", "fixed", "self_compress"])
+def test_experiment_builds_with_every_scheme(name, quant):
+    # the float and QAT variants each experiment's comment offers must build as they are
+    exp = build_experiment(cfg(f"+experiment={name}", "dataset=synthetic", f"quant={quant}"))
+    assert exp.trainer.max_epochs > 0
