@@ -1,6 +1,6 @@
-"""CIFAR-10 benchmark on the CPU config: float against self-compression, side by side.
+"""CIFAR-10 benchmark on the CPU config: float, self-compression and its removal recipe, side by side.
 
-Both methods run `+experiment=cifar10_resnet_cpu` (ResNet-9 at width 16) with the same data,
+Every method runs `+experiment=cifar10_resnet_cpu` (ResNet-9 at width 16) with the same data,
 seed and epochs, through the same code path as scn-train; run folders go under --runs and
 are reused when finished (resumable). Writes docs/results/cifar10_cpu.json and .png.
 Pass the data location as an override:
@@ -17,8 +17,8 @@ import harness
 import matplotlib.pyplot as plt
 
 # Self-compression first: they are the runs whose outcome is in doubt. The removal recipe
-# charges each channel the columns it keeps alive (docs/study/channel_removal.md) at a fifth
-# of the default gamma.
+# charges each channel the columns it keeps alive (docs/study/channel_removal.md) at about a
+# quarter of the default gamma.
 REMOVAL = ["quant=self_compress_removal", "quant.live_input_grad=10", "size_loss.gamma=0.012"]
 METHODS = {"self_compress_removal": REMOVAL, "self_compress": ["quant=self_compress"],
            "none": ["quant=none"]}

@@ -124,9 +124,11 @@ def main(argv: list[str] | None = None) -> None:
 
     best = aggregate.choose_run([r for r in fm if r["quant"] == "self_compress"
                                  and r.get("label") != "channel removal"])
-    tables = {f"Fashion-MNIST, SmallCNN (γ={best['gamma']:g})": layer_table(best["run_path"]),
-              "Fashion-MNIST, SmallCNN, removal recipe":
-                  layer_table(next(r for r in fm if r["run_dir"] == "removal_recipe")["run_path"])}
+    removal = next(r for r in fm if r["run_dir"] == "removal_recipe")
+    tables = {  # title -> (csv stem, rows)
+        f"Fashion-MNIST, SmallCNN (γ={best['gamma']:g})": ("fashion_mnist", layer_table(best["run_path"])),
+        "Fashion-MNIST, SmallCNN, removal recipe":
+            ("fashion_mnist_removal", layer_table(removal["run_path"]))}
     if not args.no_cifar:
         experiment = "cifar10_resnet" if args.full else "cifar10_resnet_cpu"
         runs = ROOT / "outputs/bench" / ("cifar10_gpu" if args.full else "cifar10_cpu")
@@ -136,9 +138,11 @@ def main(argv: list[str] | None = None) -> None:
         sweep_report.plot_pareto(cifar, "bits_per_weight", out / "fig_accuracy_vs_size_cifar10.png")
         for r in cifar:
             if r["run_dir"] != "none":
-                tables[f"CIFAR-10, ResNet-9, {r['run_dir']}"] = layer_table(r["run_path"])
-    for name, rows in tables.items():
-        report.write_csv(out / f"layers_{name.split(',')[0].lower().replace('-', '_')}.csv", rows)
+                stem = "cifar_10" + ("_removal" if r.get("label") == "channel removal" else "")
+                tables[f"CIFAR-10, ResNet-9, {r['run_dir']}"] = (stem, layer_table(r["run_path"]))
+    for stem, rows in tables.values():
+        report.write_csv(out / f"layers_{stem}.csv", rows)
+    tables = {title: rows for title, (_, rows) in tables.items()}
     fig_layers(tables, "bits", "mean stored bits per weight", "Bits per layer after self-compression",
                out / "fig_bits_per_layer.png")
     fig_layers(tables, "channels", "output channels", "Channels remaining per layer",
