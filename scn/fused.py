@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from scn.quant import MAX_BITS, sc_layers
+from scn.quant import MAX_BITS, raise_live_bits, sc_layers
 from scn.size import SizeInputs, q_of_stored
 
 LN2 = math.log(2)
@@ -48,6 +48,7 @@ class Plan:
     dims: list[tuple[int, ...]]  # the dimensions one output channel's weights span
     round_bits: bool
     key: tuple
+    min_bits: int = 1
     buffers: list[torch.Tensor] = field(default_factory=list)  # per layer: [4, *weight.shape]
     slots: list[list[torch.Tensor]] = field(default_factory=list)  # [k][layer]: buffers[layer][k]
     holder: weakref.ref | None = None  # the pass whose backward still needs `buffers`
@@ -84,7 +85,7 @@ def _factor_buffers(layers: list) -> tuple[list[torch.Tensor], list[list[torch.T
 
 def _key(layers: list) -> tuple:
     return tuple((id(m.weight), m.weight.shape, m.weight.dtype, m.weight.device, id(m.b), id(m.e),
-                  m.b.dtype, m.e.dtype, id(m.in_alive), m.in_alive._version, m.round_bits)
+                  m.b.dtype, m.e.dtype, id(m.in_alive), m.in_alive._version, m.round_bits, m.min_bits)
                  for m in layers)
 
 
@@ -104,7 +105,8 @@ def plan_of(model: nn.Module) -> Plan | None:
 def _build(layers: list, key: tuple) -> Plan | None:
     if not layers or layers[0].weight.device.type == "meta":  # shape checks: the reference
         return None
-    kinds = {(m.weight.dtype, m.b.dtype, m.e.dtype, m.weight.device, m.round_bits) for m in layers}
+    kinds = {(m.weight.dtype, m.b.dtype, m.e.dtype, m.weight.device, m.round_bits, m.min_bits)
+             for m in layers}
     if len(kinds) > 1 or len({layers[0].weight.dtype, layers[0].b.dtype, layers[0].e.dtype}) > 1:
         return None
     masks = []
@@ -115,7 +117,7 @@ def _build(layers: list, key: tuple) -> Plan | None:
         masks = None
     return Plan(layers=layers, sizes=[m.weight.shape[0] for m in layers], masks=masks,
                 dims=[tuple(range(1, m.weight.dim())) for m in layers],
-                round_bits=layers[0].round_bits, key=key)
+                round_bits=layers[0].round_bits, key=key, min_bits=layers[0].min_bits)
 
 
 class _Quantize(torch.autograd.Function):
@@ -128,6 +130,7 @@ class _Quantize(torch.autograd.Function):
         per_channel = torch.cat(params[n:]).view(2, c)
         if plan.round_bits:
             bits, exponent = per_channel.round().unbind(0)
+            bits = raise_live_bits(bits, plan.min_bits)
             raw_bits = None
         else:
             raw_bits, exponent = per_channel.unbind(0)

@@ -152,9 +152,18 @@ class SelfCompress(Quantized):
     # channel is charged the input columns it keeps alive downstream. 0: counts are constants.
     live_input_grad: float = 0.0
     live_input_spread: str = "flat"  # flat: the column per bit; per_bit: column / the channel's bits
+    # The fewest bits a live channel holds: 2 keeps channels off the sign-less 1-bit grid
+    # {-1, 0} * 2^e, so a channel pulled below 2 bits dies (docs/study/channel_removal.md).
+    min_bits: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not (isinstance(self.min_bits, int) and 1 <= self.min_bits <= MAX_BITS):
+            raise ConfigError(f"quant.min_bits={self.min_bits} is invalid: it is the fewest bits a "
+                              f"live channel holds, an integer from 1 (the paper's) to {MAX_BITS}.")
+        if self.min_bits > 1 and not self.round_bits:
+            raise ConfigError("quant.min_bits > 1 needs quant.round_bits=true: with a real-valued "
+                              "bit depth there is no rounded depth to hold live channels at.")
         if not self.live_input_grad >= 0:
             raise ConfigError(f"quant.live_input_grad={self.live_input_grad} is invalid: it "
                               "weighs a gradient and must be >= 0 (0 = off, 1 = the full charge).")

@@ -24,25 +24,29 @@ def conv_bn(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
 class SmallCNN(nn.Sequential):
     """Four 3x3 conv-BN-ReLU layers (two max-pools), flatten, one linear classifier.
 
-    Width w gives channels w, 2w, 2w, 4w. The flatten before the classifier is deliberate:
-    it exercises surgery's channel-to-feature-block mapping.
+    Width w gives channels w, 2w, 2w, 4w; `channels` (four counts) replaces them, e.g. to train
+    from scratch the architecture a self-compressed run ended with. The flatten before the
+    classifier is deliberate: it exercises surgery's channel-to-feature-block mapping.
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16,
-                 image_size: int = 28) -> None:
+                 image_size: int = 28, channels: list[int] | None = None) -> None:
         if width <= 0:
             raise ValueError(f"model.width={width} must be a positive integer")
-        w = width
+        c = [width, 2 * width, 2 * width, 4 * width] if channels is None else list(channels)
+        if len(c) != 4 or any(not isinstance(n, int) or n <= 0 for n in c):
+            raise ValueError(f"model.channels={channels} must be four positive integers, one per "
+                             "convolution, e.g. model.channels=[16,32,32,64]")
         side = image_size // 4
         super().__init__(
-            *conv_bn(in_channels, w),
-            *conv_bn(w, 2 * w),
+            *conv_bn(in_channels, c[0]),
+            *conv_bn(c[0], c[1]),
             nn.MaxPool2d(2),
-            *conv_bn(2 * w, 2 * w),
-            *conv_bn(2 * w, 4 * w),
+            *conv_bn(c[1], c[2]),
+            *conv_bn(c[2], c[3]),
             nn.MaxPool2d(2),
             nn.Flatten(),
-            nn.Linear(4 * w * side * side, num_classes),
+            nn.Linear(c[3] * side * side, num_classes),
         )
 
 

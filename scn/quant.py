@@ -47,17 +47,28 @@ def ceil_ste(x: torch.Tensor) -> torch.Tensor:
     return torch.ceil(x) + (x - x.detach())
 
 
+def raise_live_bits(bits: torch.Tensor, min_bits: int) -> torch.Tensor:
+    """Rounded bit depths with every live channel held at `min_bits` or more (dead ones stay
+    at 0), straight through: with min_bits 2 a channel goes from 2 bits to 0, never through the
+    sign-less 1-bit grid {-1, 0}."""
+    if min_bits <= 1:
+        return bits
+    raised = torch.where(bits > 0, bits.clamp(min=min_bits), bits)
+    return bits + (raised - bits).detach()
+
+
 def quantize(
-    w: torch.Tensor, bits: torch.Tensor, exponent: torch.Tensor, round_bits: bool = True
+    w: torch.Tensor, bits: torch.Tensor, exponent: torch.Tensor, round_bits: bool = True,
+    min_bits: int = 1,
 ) -> torch.Tensor:
     """Quantize `w` per output channel (dim 0) with bit depths `bits` and exponents `exponent`.
 
     `bits` and `exponent` are 1-D, one entry per output channel, real-valued; both are rounded
-    with a straight-through estimator (bits only when `round_bits`). Channels with bit depth
-    <= 0 come out as exact zeros.
+    with a straight-through estimator (bits only when `round_bits`; live channels then hold at
+    least `min_bits`). Channels with bit depth <= 0 come out as exact zeros.
     """
     shape = (-1,) + (1,) * (w.dim() - 1)
-    b = round_ste(bits) if round_bits else bits
+    b = raise_live_bits(round_ste(bits), min_bits) if round_bits else bits
     b = b.clamp(max=MAX_BITS).view(shape)
     scale = torch.exp2(round_ste(exponent)).view(shape)
     low = -torch.exp2(b - 1)
@@ -98,6 +109,7 @@ class SCLayer:
     in_alive: torch.Tensor
     input_offset: torch.Tensor
     round_bits: bool
+    min_bits: int = 1  # the fewest bits a live channel holds (scn.methods.SelfCompress.min_bits)
 
     def _init_quant(self, bits: float | None, learn_bits: bool, round_bits: bool) -> None:
         out_channels = self.weight.shape[0]
@@ -123,7 +135,7 @@ class SCLayer:
             return torch.full((self.weight.shape[0],), 32, dtype=torch.long, device=self.weight.device)
         b = self.b.detach()
         b = torch.round(b) if self.round_bits else torch.ceil(b)
-        return b.clamp(0, MAX_BITS).long()
+        return raise_live_bits(b.clamp(0, MAX_BITS), self.min_bits).long()
 
     def int_exponents(self) -> torch.Tensor:
         assert self.e is not None
@@ -154,7 +166,7 @@ class SCLayer:
             return fused
         w = self.weight
         if self.b is not None:
-            w = quantize(w, self.b, self.e, self.round_bits)
+            w = quantize(w, self.b, self.e, self.round_bits, self.min_bits)
         # Always multiply (no `if mask.all()`): a branch on a GPU tensor would sync the host.
         shape = (1, -1) + (1,) * (w.dim() - 2)
         w = w * self.in_alive.view(shape).to(w.dtype)
@@ -277,6 +289,7 @@ def quantize_(model: nn.Module, method) -> nn.Module:
                        or (i == len(layers) - 1 and not method.quantize_last))
         bits = None if float_layer else method.layer_bits()
         new = _converted(layer, bits, method.learns_bits, method.round_bits)
+        new.min_bits = getattr(method, "min_bits", 1)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
     from scn import fused  # here: scn.fused builds on this module

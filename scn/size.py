@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from scn.columns import Columns
-from scn.quant import MAX_BITS, SCLayer, sc_layers
+from scn.quant import MAX_BITS, SCLayer, raise_live_bits, sc_layers
 from scn.reference import FREE_SUFFIXES as _FREE_SUFFIXES
 from scn.reference import Reference, reference_of  # noqa: F401 (re-exported)
 
@@ -85,6 +85,7 @@ class SizePlan:
     round_bits: bool
     scalars: int
     columns: Columns | None = None  # the live-input charge (scn.columns), None when off
+    min_bits: int = 1  # the fewest bits a live channel is stored with
 
 
 def size_plan(model: nn.Module) -> SizePlan | None:
@@ -95,7 +96,7 @@ def size_plan(model: nn.Module) -> SizePlan | None:
     per_channel = torch.cat([(_live_inputs(m) * m.kernel_numel()).expand(m.b.shape[0]).double()
                              for m in layers])
     return SizePlan(layers, per_channel, per_channel.to(layers[0].b.dtype), layers[0].round_bits,
-                    reference_of(model).scalars)
+                    reference_of(model).scalars, min_bits=layers[0].min_bits)
 
 
 @dataclass
@@ -129,7 +130,7 @@ class _SizeLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: SizePlan, fixed: torch.Tensor, *bits: torch.Tensor) -> torch.Tensor:
         b = torch.cat(bits)
-        stored = b.round() if plan.round_bits else b.ceil()  # what the file stores
+        stored = raise_live_bits(b.round(), plan.min_bits) if plan.round_bits else b.ceil()  # stored
         clamped = stored.clamp(0, MAX_BITS)
         ctx.inside = (stored > 0) & (stored < MAX_BITS)  # where the clamp passes a gradient
         ctx.plan = plan
