@@ -82,6 +82,11 @@ ROWS = [
     ("lig10_perbit_g0.01_min3", "lig10_perbit_g0.01 with live channels held at 3 bits or more",
      ["quant.live_input_grad=10", "quant.live_input_spread=per_bit", "size_loss.gamma=0.01",
       "quant.min_bits=3"]),
+    ("lig7_perbit_g0.01_min2", "between lig5_perbit_g0.01_min2 and lig10_perbit_g0.01_min2",
+     ["quant.live_input_grad=7", "quant.live_input_spread=per_bit", "size_loss.gamma=0.01",
+      "quant.min_bits=2"]),
+    ("lig1_perbit_cos0.3_lrq0.02_min2", "the recipe (lig1_perbit_cos0.3_lrq0.02) with "
+     "quant.min_bits=2", [*RECIPE, "quant.min_bits=2"]),
     ("w32_float", "float32, width 32", ["model.width=32", "quant=none"]),
     ("w32_lig3_perbit_g0.03", "width 32, per-bit charge x3, gamma 0.03",
      ["model.width=32", "quant.live_input_grad=3", "quant.live_input_spread=per_bit",
