@@ -72,8 +72,15 @@ def write(args: argparse.Namespace, script: str, name: str, results: list[dict],
     """<--out>/<name>.json in the common benchmark shape, with the command (`script`: the
     benchmark's __file__, and the arguments it was given) that reproduces it; returns its path."""
     path = args.out / f"{name}.json"
-    report.write_benchmark(path, f"scripts/{Path(script).name}", args.argv, results, **extra)
+    report.write_benchmark(path, f"scripts/{Path(script).name}", _portable(args.argv), results,
+                           **extra)
     return path
+
+
+def _portable(argv: list[str]) -> list[str]:
+    """The arguments with the data's location as DIR: where the data lies is this machine's."""
+    return [a.split("=", 1)[0] + "=DIR" if a.split("=", 1)[0].lstrip("+") == "dataset.root" else a
+            for a in argv]
 
 
 def read_results(path: Path) -> list[dict]:

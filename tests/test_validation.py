@@ -43,7 +43,8 @@ NO_DATA = ["dataset=fashion_mnist", "dataset.root=/no/such/folder", "dataset.dow
     ("model.width=0", "model.width=0 must be a positive integer"),
     ("model.name=Transformer", "model.name='Transformer' is invalid: it must be one of"),
     ("+model.depth=3", "model.depth=3 is not a setting: model has no key 'depth'. Its valid keys "
-                       "are init_from, name, width."),
+                       "are channels, init_from, name, width."),
+    ("+model.channels=[8,16]", "model.channels=[8, 16] must be four positive integers"),
     ("+model.in_channels=3", "model.in_channels cannot be set: scn fills it in itself"),
     ("seed=abc", "seed='abc' is invalid: it must be an integer."),
     ("resume=maybe", "resume='maybe' is invalid: it must be true or false."),
