@@ -85,6 +85,9 @@ ROWS = [
     ("lig7_perbit_g0.01_min2", "between lig5_perbit_g0.01_min2 and lig10_perbit_g0.01_min2",
      ["quant.live_input_grad=7", "quant.live_input_spread=per_bit", "size_loss.gamma=0.01",
       "quant.min_bits=2"]),
+    ("lig8.5_perbit_g0.01_min2", "between lig7_perbit_g0.01_min2 and lig10_perbit_g0.01_min2",
+     ["quant.live_input_grad=8.5", "quant.live_input_spread=per_bit", "size_loss.gamma=0.01",
+      "quant.min_bits=2"]),
     ("lig1_perbit_cos0.3_lrq0.02_min2", "the recipe (lig1_perbit_cos0.3_lrq0.02) with "
      "quant.min_bits=2", [*RECIPE, "quant.min_bits=2"]),
     ("w32_float", "float32, width 32", ["model.width=32", "quant=none"]),
