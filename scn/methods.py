@@ -97,6 +97,7 @@ class Method:
     packs: ClassVar[bool] = True  # whether a run writes model.scn and training checkpoints
     channels_last: ClassVar[bool] = True  # whether weights may use the channels-last layout
     round_bits: ClassVar[bool] = True
+    min_bits: ClassVar[int] = 1  # the fewest bits a live channel holds (SelfCompress sets it)
 
     quantize_first: bool = True  # the first and last layers too (their size counts either way)
     quantize_last: bool = True

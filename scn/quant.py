@@ -289,7 +289,7 @@ def quantize_(model: nn.Module, method) -> nn.Module:
                        or (i == len(layers) - 1 and not method.quantize_last))
         bits = None if float_layer else method.layer_bits()
         new = _converted(layer, bits, method.learns_bits, method.round_bits)
-        new.min_bits = getattr(method, "min_bits", 1)
+        new.min_bits = method.min_bits
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
     from scn import fused  # here: scn.fused builds on this module
