@@ -27,6 +27,14 @@ BEFORE = ["quant.live_input_grad=0", "quant.live_input_spread=flat", "size_loss=
           "size_loss.gamma=0.1", "size_loss.warmup=0.2", "trainer.freeze_quant=0"]
 RECIPE = ["quant.live_input_grad=1", "quant.live_input_spread=per_bit", "size_loss=cosine",
           "size_loss.gamma=0.3", "size_loss.warmup=0.1", "size_loss.final=0", "trainer.lr_quant=0.02"]
+
+
+def per_bit(weight: str, gamma: str) -> list[str]:
+    """The live-input charge spread per bit, at `weight`, with size-loss weight `gamma`."""
+    return [f"quant.live_input_grad={weight}", "quant.live_input_spread=per_bit",
+            f"size_loss.gamma={gamma}"]
+
+
 ROWS = [
     ("float", "float32 reference", ["quant=none"]),
     ("base_g0.1", "scn's original term, gamma 0.1 (the default job)", []),
@@ -37,7 +45,7 @@ ROWS = [
     ("lig1_perbit_g0.1", "live-input charge, per bit",
      ["quant.live_input_grad=1", "quant.live_input_spread=per_bit"]),
     ("lig3_perbit_g0.03", "per-bit charge x3, gamma 0.03: less pull on bits, as much on channels",
-     ["quant.live_input_grad=3", "quant.live_input_spread=per_bit", "size_loss.gamma=0.03"]),
+     per_bit("3", "0.03")),
     ("lig1_perbit_cos0.3", "per-bit charge, cosine gamma 0.3 decaying to 0 (kill early, recover)",
      ["quant.live_input_grad=1", "quant.live_input_spread=per_bit", "size_loss=cosine",
       "size_loss.gamma=0.3", "size_loss.warmup=0.1", "size_loss.final=0"]),
@@ -52,14 +60,14 @@ ROWS = [
      [*RECIPE, "trainer.quant_lr_schedule=constant", "trainer.freeze_quant=0.25"]),
     ("lig10_perbit_g0.01", "per-bit charge x10, gamma 0.01: the channel charge of lig1_perbit_g0.1 "
      "with a tenth of its pull on bits",
-     ["quant.live_input_grad=10", "quant.live_input_spread=per_bit", "size_loss.gamma=0.01"]),
+     per_bit("10", "0.01")),
     ("lig10_perbit_g0.02", "per-bit charge x10, gamma 0.02: twice the previous row's pressure",
-     ["quant.live_input_grad=10", "quant.live_input_spread=per_bit", "size_loss.gamma=0.02"]),
+     per_bit("10", "0.02")),
     ("lig30_perbit_g0.005", "per-bit charge x30, gamma 0.005: the channel pull of "
      "lig1_perbit_g0.1 with a twentieth of its pull on bits",
-     ["quant.live_input_grad=30", "quant.live_input_spread=per_bit", "size_loss.gamma=0.005"]),
+     per_bit("30", "0.005")),
     ("lig60_perbit_g0.005", "per-bit charge x60, gamma 0.005: twice the previous row's channel pull",
-     ["quant.live_input_grad=60", "quant.live_input_spread=per_bit", "size_loss.gamma=0.005"]),
+     per_bit("60", "0.005")),
     ("float_arch_lig30", "float32 from scratch at the channels lig30_perbit_g0.005 ended with",
      ["quant=none", "+model.channels=[15,29,32,24]"]),
     ("float_arch_lig10_g0.02", "float32 from scratch at the channels lig10_perbit_g0.02 ended with",
@@ -71,23 +79,17 @@ ROWS = [
     ("base_min2_g0.1", "the default job with live channels held at 2 bits or more "
      "(quant.min_bits=2)", ["quant.min_bits=2"]),
     ("lig10_perbit_g0.01_min2", "lig10_perbit_g0.01 with quant.min_bits=2",
-     ["quant.live_input_grad=10", "quant.live_input_spread=per_bit", "size_loss.gamma=0.01",
-      "quant.min_bits=2"]),
+     [*per_bit("10", "0.01"), "quant.min_bits=2"]),
     ("lig30_perbit_g0.005_min2", "lig30_perbit_g0.005 with quant.min_bits=2",
-     ["quant.live_input_grad=30", "quant.live_input_spread=per_bit", "size_loss.gamma=0.005",
-      "quant.min_bits=2"]),
+     [*per_bit("30", "0.005"), "quant.min_bits=2"]),
     ("lig5_perbit_g0.01_min2", "half the charge of lig10_perbit_g0.01_min2",
-     ["quant.live_input_grad=5", "quant.live_input_spread=per_bit", "size_loss.gamma=0.01",
-      "quant.min_bits=2"]),
+     [*per_bit("5", "0.01"), "quant.min_bits=2"]),
     ("lig10_perbit_g0.01_min3", "lig10_perbit_g0.01 with live channels held at 3 bits or more",
-     ["quant.live_input_grad=10", "quant.live_input_spread=per_bit", "size_loss.gamma=0.01",
-      "quant.min_bits=3"]),
+     [*per_bit("10", "0.01"), "quant.min_bits=3"]),
     ("lig7_perbit_g0.01_min2", "between lig5_perbit_g0.01_min2 and lig10_perbit_g0.01_min2",
-     ["quant.live_input_grad=7", "quant.live_input_spread=per_bit", "size_loss.gamma=0.01",
-      "quant.min_bits=2"]),
+     [*per_bit("7", "0.01"), "quant.min_bits=2"]),
     ("lig8.5_perbit_g0.01_min2", "between lig7_perbit_g0.01_min2 and lig10_perbit_g0.01_min2",
-     ["quant.live_input_grad=8.5", "quant.live_input_spread=per_bit", "size_loss.gamma=0.01",
-      "quant.min_bits=2"]),
+     [*per_bit("8.5", "0.01"), "quant.min_bits=2"]),
     ("lig1_perbit_cos0.3_lrq0.02_min2", "the recipe (lig1_perbit_cos0.3_lrq0.02) with "
      "quant.min_bits=2", [*RECIPE, "quant.min_bits=2"]),
     ("w32_float", "float32, width 32", ["model.width=32", "quant=none"]),

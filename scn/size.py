@@ -130,7 +130,8 @@ class _SizeLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: SizePlan, fixed: torch.Tensor, *bits: torch.Tensor) -> torch.Tensor:
         b = torch.cat(bits)
-        stored = raise_live_bits(b.round(), plan.min_bits) if plan.round_bits else b.ceil()  # stored
+        # what the file stores
+        stored = raise_live_bits(b.round(), plan.min_bits) if plan.round_bits else b.ceil()
         clamped = stored.clamp(0, MAX_BITS)
         ctx.inside = (stored > 0) & (stored < MAX_BITS)  # where the clamp passes a gradient
         ctx.plan = plan

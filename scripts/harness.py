@@ -79,8 +79,8 @@ def write(args: argparse.Namespace, script: str, name: str, results: list[dict],
 
 def _portable(argv: list[str]) -> list[str]:
     """The arguments with the data's location as DIR: where the data lies is this machine's."""
-    return [a.split("=", 1)[0] + "=DIR" if a.split("=", 1)[0].lstrip("+") == "dataset.root" else a
-            for a in argv]
+    keys = [a.partition("=")[0] for a in argv]
+    return [f"{k}=DIR" if k.lstrip("+") == "dataset.root" else a for k, a in zip(keys, argv, strict=True)]
 
 
 def read_results(path: Path) -> list[dict]:
