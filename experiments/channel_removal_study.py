@@ -127,6 +127,12 @@ ROWS = [
      ["model.width=24", *per_bit("8.5", "0.01"), "quant.min_bits=2"]),
     ("w24_lig10_perbit_g0.01_min2", "width 24, lig10_perbit_g0.01_min2",
      ["model.width=24", *per_bit("10", "0.01"), "quant.min_bits=2"]),
+    ("w24_lig15_perbit_g0.01_min2", "width 24, charge x15, min 2",
+     ["model.width=24", *per_bit("15", "0.01"), "quant.min_bits=2"]),
+    ("w24_lig20_perbit_g0.01_min2", "width 24, charge x20, min 2",
+     ["model.width=24", *per_bit("20", "0.01"), "quant.min_bits=2"]),
+    ("lig10_perbit_g0.01_smooth", "charge x10, the real b in the forward pass (round_bits=false, "
+     "ceil(b) bits on disk)", [*per_bit("10", "0.01"), "quant.round_bits=false"]),
     ("w32_float", "float32, width 32", ["model.width=32", "quant=none"]),
     ("w32_lig3_perbit_g0.03", "width 32, per-bit charge x3, gamma 0.03",
      ["model.width=32", "quant.live_input_grad=3", "quant.live_input_spread=per_bit",
