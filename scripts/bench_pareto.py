@@ -16,8 +16,8 @@ self-compression points are the folders of the gamma sweep, which this one comma
 
 Writes docs/results/pareto.csv, pareto.json, pareto_bytes.png and pareto_bits.png.
 
-    python scripts/bench_pareto.py                       # 8 epochs a point: ~2 h on 2 AVX2 cores
-    python scripts/bench_pareto.py trainer.max_epochs=2  # the committed table: ~35 minutes
+    python scripts/bench_pareto.py                       # the committed table: ~75 min on 2 cores
+    python scripts/bench_pareto.py trainer.max_epochs=2  # a quick look: about a quarter of that
 """
 
 from __future__ import annotations
