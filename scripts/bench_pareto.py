@@ -17,7 +17,7 @@ self-compression points are the folders of the gamma sweep, which this one comma
 Writes docs/results/pareto.csv, pareto.json, pareto_bytes.png and pareto_bits.png.
 
     python scripts/bench_pareto.py                       # the committed table: ~75 min on 2 cores
-    python scripts/bench_pareto.py trainer.max_epochs=2  # a quick look: about a quarter of that
+    python scripts/bench_pareto.py trainer.max_epochs=2  # a quick look: two epochs a point
 """
 
 from __future__ import annotations
