@@ -6,6 +6,7 @@ import dataclasses
 import importlib
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import hydra
@@ -43,9 +44,9 @@ class CheckOutputFolder(Callback):
 def _make_folder(folder: str, key: str) -> None:
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
-        probe = Path(folder) / ".scn-write-test"
-        probe.touch()
-        probe.unlink()
+        # A probe of its own per process: the ranks of a torchrun job probe the same folder at once.
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".scn-write-test-"):
+            pass
     except OSError as exc:
         fail(f"cannot write the run folder {folder}: {exc.strerror or exc}. Choose a folder you can "
              f"write to with {key}=DIR (or make this one writable).")

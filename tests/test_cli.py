@@ -93,3 +93,24 @@ def test_an_unwritable_run_folder_is_a_clear_error(tmp_path, mode):
     assert proc.returncode == 2
     assert "cannot write the run folder" in proc.stderr and f"{key}=DIR" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _probe_many(folder: str, barrier) -> None:
+    from scn import cli
+    barrier.wait()  # every process probes in the same moment
+    for _ in range(2000):
+        cli._make_folder(folder, "hydra.run.dir")  # exits with code 2 if it fails
+
+
+def test_processes_probing_one_run_folder_at_once_do_not_trip_each_other(tmp_path):
+    """The ranks of a torchrun job check the same run folder at the same moment."""
+    import multiprocessing
+    spawn = multiprocessing.get_context("spawn")
+    barrier = spawn.Barrier(3)
+    procs = [spawn.Process(target=_probe_many, args=(str(tmp_path), barrier)) for _ in range(3)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+    assert [proc.exitcode for proc in procs] == [0, 0, 0]
+    assert list(tmp_path.iterdir()) == []  # no probe left behind
