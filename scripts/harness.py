@@ -72,7 +72,7 @@ def write(args: argparse.Namespace, script: str, name: str, results: list[dict],
     """<--out>/<name>.json in the common benchmark shape, with the command (`script`: the
     benchmark's __file__, and the arguments it was given) that reproduces it; returns its path."""
     path = args.out / f"{name}.json"
-    report.write_benchmark(path, f"scripts/{Path(script).name}", _portable(args.argv), results,
+    report.write_benchmark(path, relative(script), _portable(args.argv), results,
                            **extra)
     return path
 
