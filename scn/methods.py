@@ -35,6 +35,10 @@ PLUGINS = {"diffq": "scn.diffq_baseline"}  # kind -> module that registers it (o
 # A file header's `scheme` keeps these keys for every method, so files stay as they were.
 _HEADER_DEFAULTS = {"kind": None, "init_bits": 8.0, "round_bits": True, "quantize_first": True,
                     "quantize_last": True, "group_size": 8}
+# Optional scheme keys, written only when they differ from their default (files of the
+# paper's form stay as they were): min_bits fixes how a real-valued b of model.safetensors
+# quantizes, so a reloaded model is the trained one.
+_OPTIONAL_HEADER = {"min_bits": 1}
 
 
 class SizeTerm:
@@ -111,8 +115,9 @@ class Method:
 
     def header(self) -> dict:
         """The file header's `scheme`: how to decode, not how it was trained."""
+        optional = {k: getattr(self, k) for k, v in _OPTIONAL_HEADER.items() if getattr(self, k) != v}
         return {**_HEADER_DEFAULTS, **{k: v for k, v in asdict(self).items() if k in _HEADER_DEFAULTS},
-                "kind": self.kind}
+                **optional, "kind": self.kind}
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -204,11 +209,12 @@ def _class_of(kind) -> type[Method]:
 
 
 def Scheme(kind: str = "self_compress", init_bits: float = 8.0, round_bits: bool = True,  # noqa: N802
-           quantize_first: bool = True, quantize_last: bool = True, group_size: int = 8) -> Method:
+           quantize_first: bool = True, quantize_last: bool = True, group_size: int = 8,
+           min_bits: int = 1) -> Method:
     """The method `kind` names, from the keys every method shares (a shorthand; the config
     classes above are the real thing). Keys a method does not use are ignored."""
     values = {"init_bits": init_bits, "round_bits": round_bits, "quantize_first": quantize_first,
-              "quantize_last": quantize_last, "group_size": group_size}
+              "quantize_last": quantize_last, "group_size": group_size, "min_bits": min_bits}
     cls = _class_of(kind)
     return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
 
@@ -217,7 +223,7 @@ def from_header(scheme: dict) -> Method:
     """The method a file header's `scheme` describes (its keys checked, nothing else imported)."""
     if not isinstance(scheme, dict):
         raise TypeError("the scheme must be an object")
-    unknown = sorted(set(scheme) - set(_HEADER_DEFAULTS))
+    unknown = sorted(set(scheme) - set(_HEADER_DEFAULTS) - set(_OPTIONAL_HEADER))
     if unknown:
         raise TypeError(f"unknown scheme keys {unknown}")
     return Scheme(**scheme)

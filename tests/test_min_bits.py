@@ -63,3 +63,32 @@ def test_min_bits_is_validated():
             SelfCompress(min_bits=bad)
     with pytest.raises(ConfigError, match="round_bits"):
         SelfCompress(min_bits=2, round_bits=False)
+
+
+def test_a_reloaded_model_keeps_min_bits(tmp_path):
+    """model.safetensors holds real-valued b: reloaded without min_bits, a channel at b 1.2
+    would quantize on the 1-bit grid and the model would not be the trained one."""
+    from scn import checkpoint
+    from scn import format as scn_format
+
+    model, layers = hard_model("SmallCNN", torch.float32, True, False, 0, method=min2)
+    with torch.no_grad():
+        layers[1].b[2:4] = torch.tensor([1.2, 0.7])  # held at 2 bits in training
+    model.eval()
+    x = torch.randn(4, 1, 28, 28)
+    checkpoint.save_checkpoint(model, tmp_path / "model.safetensors")
+    again, header = checkpoint.load_checkpoint(tmp_path / "model.safetensors")
+    assert header["scheme"]["min_bits"] == 2
+    assert all(m.min_bits == 2 for _, m in scn_format.sc_layers(again))
+    assert size.report(again).ideal_bytes == size.report(model).ideal_bytes
+    assert torch.equal(again(x), model(x))
+    scn_format.save(model, tmp_path / "model.scn")
+    assert scn_format.read_header(tmp_path / "model.scn")["scheme"]["min_bits"] == 2
+
+
+def test_the_papers_form_writes_no_min_bits_key(tmp_path):
+    from scn import format as scn_format
+
+    model, _ = hard_model("SmallCNN", torch.float32, True, False, 0)
+    scn_format.save(model, tmp_path / "model.scn")
+    assert "min_bits" not in scn_format.read_header(tmp_path / "model.scn")["scheme"]
