@@ -1,6 +1,6 @@
 """What makes a channel die rather than shrink? The ablations of docs/study/channel_removal.md.
 
-Every row is the default job (+experiment=fashion_mnist_cnn: the small CNN, 8 epochs, seed 0,
+Every row is the benchmarks' setting (+experiment=fashion_mnist_bench: the small CNN, 8 epochs, seed 0,
 Fashion-MNIST) with one lever changed; rows run one after another (never two at once: wall
 times are compared) into outputs/study/ROW, and a finished row is reused, so a killed study
 resumes. Writes docs/results/channel_removal.json (the common benchmark shape) and prints the
@@ -20,9 +20,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import harness  # noqa: E402
 
+from scn import format as scn_format  # noqa: E402
 from scn.sweep import run_overrides  # noqa: E402
 
-# (row, lever, overrides on top of the default job as it was before the study)
+# (row, lever, overrides on top of fashion_mnist_bench, the default job before the study)
 BEFORE = ["quant.live_input_grad=0", "quant.live_input_spread=flat", "size_loss=linear_warmup",
           "size_loss.gamma=0.1", "size_loss.warmup=0.2", "trainer.freeze_quant=0"]
 RECIPE = ["quant.live_input_grad=1", "quant.live_input_spread=per_bit", "size_loss=cosine",
@@ -37,7 +38,7 @@ def per_bit(weight: str, gamma: str) -> list[str]:
 
 ROWS = [
     ("float", "float32 reference", ["quant=none"]),
-    ("base_g0.1", "scn's original term, gamma 0.1 (the default job)", []),
+    ("base_g0.1", "scn's original term, gamma 0.1 (the default job before the study)", []),
     ("base_g1", "original term, gamma 1: ten times the pressure", ["size_loss.gamma=1"]),
     ("lig1_g0.1", "live-input charge, flat", ["quant.live_input_grad=1"]),
     ("lig1_g0.1_freeze", "flat charge, b and e frozen for the last quarter",
@@ -76,7 +77,7 @@ ROWS = [
      ["quant=none", "+model.channels=[12,16,19,9]"]),
     ("float_w8", "float32, width 8 (channels 8, 16, 16, 32: half of every layer)",
      ["quant=none", "model.width=8"]),
-    ("base_min2_g0.1", "the default job with live channels held at 2 bits or more "
+    ("base_min2_g0.1", "the original term with live channels held at 2 bits or more "
      "(quant.min_bits=2)", ["quant.min_bits=2"]),
     ("lig10_perbit_g0.01_min2", "lig10_perbit_g0.01 with quant.min_bits=2",
      [*per_bit("10", "0.01"), "quant.min_bits=2"]),
@@ -133,6 +134,20 @@ ROWS = [
      ["model.width=24", *per_bit("20", "0.01"), "quant.min_bits=2"]),
     ("lig10_perbit_g0.01_smooth", "charge x10, the real b in the forward pass (round_bits=false, "
      "ceil(b) bits on disk)", [*per_bit("10", "0.01"), "quant.round_bits=false"]),
+    ("float_e16", "float32, 16 epochs", ["quant=none", "trainer.max_epochs=16"]),
+    ("lig8.5_perbit_g0.01_min2_e16", "lig8.5_perbit_g0.01_min2 over 16 epochs",
+     [*per_bit("8.5", "0.01"), "quant.min_bits=2", "trainer.max_epochs=16"]),
+    ("lig6_perbit_g0.01_min2_e16", "charge x6, min 2, over 16 epochs",
+     [*per_bit("6", "0.01"), "quant.min_bits=2", "trainer.max_epochs=16"]),
+    ("lig7_perbit_g0.01_min2_e16", "charge x7, min 2, over 16 epochs",
+     [*per_bit("7", "0.01"), "quant.min_bits=2", "trainer.max_epochs=16"]),
+    ("lig5_perbit_g0.01_min2_e16", "charge x5, min 2, over 16 epochs",
+     [*per_bit("5", "0.01"), "quant.min_bits=2", "trainer.max_epochs=16"]),
+    ("lig5_perbit_g0.01_min2_e16_seed1", "lig5_perbit_g0.01_min2_e16, seed 1 (the spread)",
+     [*per_bit("5", "0.01"), "quant.min_bits=2", "trainer.max_epochs=16", "seed=1"]),
+    ("lig6_perbit_g0.01_min2_e16_seed1", "lig6_perbit_g0.01_min2_e16, seed 1 (the spread)",
+     [*per_bit("6", "0.01"), "quant.min_bits=2", "trainer.max_epochs=16", "seed=1"]),
+    ("float_e16_seed1", "float32, 16 epochs, seed 1", ["quant=none", "trainer.max_epochs=16", "seed=1"]),
     ("w32_float", "float32, width 32", ["model.width=32", "quant=none"]),
     ("w32_lig3_perbit_g0.03", "width 32, per-bit charge x3, gamma 0.03",
      ["model.width=32", "quant.live_input_grad=3", "quant.live_input_spread=per_bit",
@@ -141,7 +156,16 @@ ROWS = [
      ["model.width=32", "quant.live_input_grad=10", "quant.live_input_spread=per_bit",
       "size_loss.gamma=0.03", "trainer.freeze_quant=0.25"]),
 ]
-KEYS = (*harness.SUMMARY_KEYS, "flops", "flops_original", "channels_left")
+KEYS = (*harness.SUMMARY_KEYS, "ideal_bytes", "flops", "flops_original", "channels_left")
+
+
+def entropy_coded_bytes(run_dir: Path) -> int | None:
+    """Bytes of the run's model.scn with an entropy-coded payload (format version 2)."""
+    path = run_dir / "model.scn"
+    if not path.exists():
+        return None
+    model, header = scn_format.load(path)
+    return len(scn_format.to_bytes(model, header.get("dataset"), entropy_coded=True))
 
 
 def merged(*lists: list[str]) -> list[str]:
@@ -163,10 +187,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.rows is not None and name not in args.rows:
             continue
         before = [o for o in BEFORE if not (o.startswith("quant.") and "quant=none" in overrides)]
-        ov = ["+experiment=fashion_mnist_cnn", *merged(before, overrides, args.overrides)]
+        ov = ["+experiment=fashion_mnist_bench", *merged(before, overrides, args.overrides)]
         summary = run_overrides(ov, args.runs / name)
-        results.append(harness.row(name, summary, KEYS, lever=lever,
-                                   overrides=" ".join(overrides)))
+        results.append(harness.row(name, summary, KEYS, lever=lever, overrides=" ".join(overrides),
+                                   entropy_file_bytes=entropy_coded_bytes(args.runs / name)))
     path = harness.write(args, __file__, args.name, results)
     print("| row | lever | accuracy | bits/weight | weights left | FLOPs left | wall time |")
     print("|---|---|---|---|---|---|---|")
