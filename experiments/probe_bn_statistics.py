@@ -24,7 +24,7 @@ from scn.quant import frozen
 from scn.sweep import compose_config
 from scn.train import Reporter, Trainer, learns_bits
 
-RECIPE = ["+experiment=fashion_mnist_cnn", "model.width=24", "size_loss.gamma=0.5",
+RECIPE = ["+experiment=fashion_mnist_bench", "model.width=24", "size_loss.gamma=0.5",
           "trainer.lr_quant=0.01", "trainer.recalibrate_bn=0", "trainer.progress=false"]
 
 

@@ -45,7 +45,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from scn import io, report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMON = ["+experiment=fashion_mnist_cnn", "model.width=24"]
+COMMON = ["+experiment=fashion_mnist_bench", "model.width=24"]
 RECIPES = {  # name: (gamma, lr_quant, freeze_quant)
     "g0.5_lq0.01": (0.5, 0.01, 0.0), "g0.3_lq0.01": (0.3, 0.01, 0.0), "g0.2_lq0.01": (0.2, 0.01, 0.0),
     "g0.5_lq0.005": (0.5, 0.005, 0.0), "g0.4_lq0.005": (0.4, 0.005, 0.0),

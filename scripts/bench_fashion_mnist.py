@@ -1,7 +1,7 @@
 """Fashion-MNIST benchmark: float, fixed 8-bit, fixed 4-bit and self-compression, side by side.
 
 Same model, data, epochs and seed for every method, in one invocation. Each method trains
-through the same code path as `scn-train +experiment=fashion_mnist_cnn quant=...`; its run
+through the same code path as `scn-train +experiment=fashion_mnist_bench quant=...`; its run
 folder lands under --runs (a finished run with the same config is reused, so a killed
 benchmark resumes). Writes docs/results/fashion_mnist.json and fashion_mnist.png.
 
@@ -26,7 +26,7 @@ METHODS = {
 
 def main(argv: list[str] | None = None) -> None:
     args = harness.arguments(__doc__, runs="outputs/bench/fashion_mnist", argv=argv)
-    summaries = harness.run_methods(METHODS, ["+experiment=fashion_mnist_cnn"], args)
+    summaries = harness.run_methods(METHODS, ["+experiment=fashion_mnist_bench"], args)
     keys = ("test_accuracy", "bits_per_weight", "step_time_s", "float_bits_pct", "weights_left_pct",
             "param_count", "file_bytes", "wall_time_s")
     results = [harness.row(method, s, keys) for method, s in summaries.items()]

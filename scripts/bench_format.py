@@ -9,10 +9,12 @@ save and load times are medians of --repeat runs. Self-compressed runs get a sec
 `<method>_entropy`: the same model with an entropy-coded payload (format version 2). Every
 record also carries the sizes of the float and integer (QDQ) ONNX exports and, under
 onnxruntime, the share of the test set's predictions the integer export shares with scn.
-Writes format.json and format.png to --out (default docs/results).
+Writes format.json and format.png (--name) to --out (default docs/results).
 
     python scripts/bench_format.py --cifar10-root DIR               # the committed numbers
     python scripts/bench_format.py RUN_DIR [RUN_DIR ...] --out /tmp/fmt  # other runs
+    python scripts/bench_format.py outputs/bench/self_compress_default_job --name format_default_job
+        # the default job's run, trained with hydra.run.dir=outputs/bench/self_compress_default_job
 """
 
 from __future__ import annotations
@@ -124,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cifar10-run", type=Path, default=CIFAR10_RUN,
                         help="the CIFAR-10 CPU self-compression run (included when it exists)")
     parser.add_argument("--cifar10-root", help="its data: the CIFAR-10 folder")
+    parser.add_argument("--name", default="format", help="result file stem in --out")
     args = parser.parse_intermixed_args(argv)  # overrides and options in any order
     args.argv = sys.argv[1:] if argv is None else argv
     runs = [(p.name, p, args.root) for p in args.runs] or [(m, DEFAULT_RUNS / m, args.root) for m in METHODS]
@@ -142,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                 onnx = {k: v for k, v in results[-1].items() if k.startswith("onnx_")}
                 results.append(measure(path, f"{method}_entropy", args.repeat, Path(tmp), root, True,
                                        onnx))
-    harness.write(args, __file__, "format", results)
-    plot(results, args.out / "format.png")
+    harness.write(args, __file__, args.name, results)
+    plot(results, args.out / f"{args.name}.png")
     for r in results:
         print(f"{r['method']:>14}: file {r['file_bytes']:>9,} B  ideal {r['ideal_bytes']:>11,.1f} B "
               f"({r['file_vs_ideal']:.3f}x)  payload {r['payload_bytes']:>8,} / "

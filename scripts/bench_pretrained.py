@@ -1,10 +1,10 @@
 """From a pretrained start: self-compression as fine-tuning against self-compression from scratch.
 
-Four runs of the default job's small CNN on Fashion-MNIST, same data and seed, in one
+Four runs of the small CNN on Fashion-MNIST, same data and seed, in one
 invocation: the float model (8 epochs, quant=none); self-compression fine-tuning it for 3
 epochs (`+experiment=fashion_mnist_finetune model.init_from=<float run>/model.safetensors`),
-with the default job's size term and with the channel-removal recipe's; and self-compression
-from scratch (8 epochs, `+experiment=fashion_mnist_cnn`). Run folders go under --runs and
+with the benchmarks' size term (gamma 0.1) and with the channel-removal recipe's; and self-compression
+from scratch (8 epochs, `+experiment=fashion_mnist_bench`). Run folders go under --runs and
 finished ones are reused. Writes docs/results/pretrained.json and
 pretrained.png.
 
@@ -25,7 +25,7 @@ KEYS = ("test_accuracy", "bits_per_weight", "float_bits_pct", "weights_left_pct"
 
 
 def _options(parser) -> None:
-    parser.add_argument("--base-experiment", default="fashion_mnist_cnn",
+    parser.add_argument("--base-experiment", default="fashion_mnist_bench",
                         help="the from-scratch recipe (the fine-tune runs fashion_mnist_finetune)")
     parser.add_argument("--name", default="pretrained", help="result file stem in --out")
 

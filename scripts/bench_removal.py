@@ -46,7 +46,7 @@ from scn.size import size_loss
 from scn.sweep import compose_config, run_overrides
 from scn.train import learns_bits
 
-# A wider CNN and a firmer size-loss weight than the default job, so that enough channels die
+# A wider CNN and a firmer size-loss weight than the benchmarks' setting, so that enough channels die
 # (about a third of the parameters) for removal to matter. The bit-depth/exponent learning rate
 # is low on purpose: with trainer.lr_quant=0.01 the run is chaotic (rounded b and e flip back
 # and forth) and two runs of the same method, or masked and removal with one seed, ended up to
@@ -61,7 +61,7 @@ from scn.train import learns_bits
 # lose, and until it the masked and removal runs are bit-identical. Surgeries every 200 steps
 # removed the first channels at step 1400 and let round-off drive the two runs apart through the
 # last 500 steps of bit-depth learning: per-seed gaps of +0.41 and -0.31 points.
-COMMON = ["+experiment=fashion_mnist_cnn", "model.width=24", "size_loss.gamma=1.0",
+COMMON = ["+experiment=fashion_mnist_bench", "model.width=24", "size_loss.gamma=1.0",
           "trainer.lr_quant=0.002"]
 SELF_COMPRESS = ["trainer.freeze_quant=0.5", "trainer.prune_every=freeze"]
 METHODS = {

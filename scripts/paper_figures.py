@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_intermixed_args(argv)  # overrides and options in any order
     out = args.out
 
-    fm = run_all(ROOT / "outputs/bench/fashion_mnist", "fashion_mnist_cnn", FMNIST_POINTS,
+    fm = run_all(ROOT / "outputs/bench/fashion_mnist", "fashion_mnist_bench", FMNIST_POINTS,
                  args.fmnist_overrides)
     sweep_report.plot_pareto(fm, "bits_per_weight", out / "fig_accuracy_vs_size_fashion_mnist.png")
     sweep_report.plot_pareto(fm, "file_bytes", out / "fig_accuracy_vs_bytes_fashion_mnist.png", log_x=True)
