@@ -82,11 +82,13 @@ def plot_pareto(rows: list[dict], x: str, path: str | Path, log_x: bool = False)
         ax.scatter(fx, fy, s=140, facecolors="none", edgecolors="black", zorder=4)
         labels: dict[tuple, list[str]] = {}  # equal points share one label
         for r in front:
-            gammas = labels.setdefault((r[x], r["test_accuracy"]), [])
-            if _fmt_gamma(r.get("gamma")) not in gammas:
-                gammas.append(_fmt_gamma(r.get("gamma")))
-        for (px, py), gammas in labels.items():
-            ax.annotate("γ=" + ", ".join(gammas), (px, py), textcoords="offset points",
+            # a caller's own name for the point (a benchmark's knob), else the sweep's gamma
+            text = r.get("point_label") or "γ=" + _fmt_gamma(r.get("gamma"))
+            texts = labels.setdefault((r[x], r["test_accuracy"]), [])
+            if text not in texts:
+                texts.append(text)
+        for (px, py), texts in labels.items():
+            ax.annotate(", ".join(texts), (px, py), textcoords="offset points",
                         xytext=(6, -12), fontsize=8)
     if log_x:
         ax.set_xscale("log")

@@ -63,6 +63,15 @@ def points() -> list[tuple[str, str, float | None, list[str]]]:
     return pts
 
 
+def point_label(method: str, knob: float | None) -> str:
+    """How the plots name a point: its method's knob in that method's words."""
+    if knob is None:
+        return "float32"
+    words = {"fixed": f"{knob:g} bits", "diffq": f"penalty {knob:g}",
+             "self_compress_channels": f"charge x{knob:g}"}
+    return words.get(method, f"γ={knob:g}")
+
+
 def _options(parser) -> None:
     parser.add_argument("--skip", nargs="*", default=[], help="methods to leave out")
     parser.add_argument("--only", nargs="*", default=None, help="run names to keep (default: all)")
@@ -86,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         r["method"], r["knob"] = knobs[r["run_dir"]]
         r["label"] = r["method"]
+        r["point_label"] = point_label(r["method"], r["knob"])
         r["run_dir"] = harness.relative(args.runs / r["run_dir"])
     aggregate.mark_pareto(rows)
     columns = ["method", "knob", "test_accuracy", "bits_per_weight", "file_bytes", "bytes_source",
