@@ -5,7 +5,8 @@ import pytest
 import torch
 from test_fused import hard_model, same_bits
 
-from scn import fused, size
+from scn import checkpoint, fused, size
+from scn import format as scn_format
 from scn.errors import ConfigError
 from scn.methods import SelfCompress
 from scn.quant import quantize, raise_live_bits
@@ -68,9 +69,6 @@ def test_min_bits_is_validated():
 def test_a_reloaded_model_keeps_min_bits(tmp_path):
     """model.safetensors holds real-valued b: reloaded without min_bits, a channel at b 1.2
     would quantize on the 1-bit grid and the model would not be the trained one."""
-    from scn import checkpoint
-    from scn import format as scn_format
-
     model, layers = hard_model("SmallCNN", torch.float32, True, False, 0, method=min2)
     with torch.no_grad():
         layers[1].b[2:4] = torch.tensor([1.2, 0.7])  # held at 2 bits in training
@@ -87,8 +85,6 @@ def test_a_reloaded_model_keeps_min_bits(tmp_path):
 
 
 def test_the_papers_form_writes_no_min_bits_key(tmp_path):
-    from scn import format as scn_format
-
     model, _ = hard_model("SmallCNN", torch.float32, True, False, 0)
     scn_format.save(model, tmp_path / "model.scn")
     assert "min_bits" not in scn_format.read_header(tmp_path / "model.scn")["scheme"]
