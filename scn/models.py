@@ -105,11 +105,15 @@ class ResNet(nn.Module):
 
 
 class Residual(nn.Module):
-    """x + f(x), with f two 3x3 conv-BN-ReLU layers (the ResNet-9 residual unit)."""
+    """x + f(x), with f two 3x3 conv-BN-ReLU layers (the ResNet-9 residual unit).
 
-    def __init__(self, channels: int) -> None:
+    `hidden` channels between the two convolutions (default: as many as the stream's).
+    """
+
+    def __init__(self, channels: int, hidden: int | None = None) -> None:
         super().__init__()
-        self.body = nn.Sequential(*conv_bn(channels, channels), *conv_bn(channels, channels))
+        hidden = channels if hidden is None else hidden
+        self.body = nn.Sequential(*conv_bn(channels, hidden), *conv_bn(hidden, channels))
 
     def forward(self, x):
         return x + self.body(x)
@@ -120,21 +124,28 @@ class ResNet9(nn.Module):
 
     prep conv (w) -> conv (2w) + pool + residual -> conv (4w) + pool -> conv (8w) + pool +
     residual -> global max pool -> linear, output scaled by 1/8. w=64 is the published network
-    (6.5M parameters, 94% on CIFAR-10 in about 24 epochs); smaller w for CPUs.
+    (6.5M parameters, 94% on CIFAR-10 in about 24 epochs); smaller w for CPUs. `channels` (six
+    counts: prep, layer1, layer1's residual hidden, layer2, layer3, layer3's residual hidden)
+    replaces w, 2w, 2w, 4w, 8w, 8w, e.g. to train from scratch what a self-compressed run kept.
     """
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 64,
-                 image_size: int = 32) -> None:
+                 image_size: int = 32, channels: list[int] | None = None) -> None:
         super().__init__()
         if width <= 0:
             raise ValueError(f"model.width={width} must be a positive integer")
         w = width
-        self.prep = nn.Sequential(*conv_bn(in_channels, w))
-        self.layer1 = nn.Sequential(*conv_bn(w, 2 * w), nn.MaxPool2d(2), Residual(2 * w))
-        self.layer2 = nn.Sequential(*conv_bn(2 * w, 4 * w), nn.MaxPool2d(2))
-        self.layer3 = nn.Sequential(*conv_bn(4 * w, 8 * w), nn.MaxPool2d(2), Residual(8 * w))
+        c = [w, 2 * w, 2 * w, 4 * w, 8 * w, 8 * w] if channels is None else list(channels)
+        if len(c) != 6 or any(not isinstance(n, int) or n <= 0 for n in c):
+            raise ValueError(f"model.channels={channels} must be six positive integers (prep, "
+                             "layer1, its residual hidden, layer2, layer3, its residual hidden), "
+                             "e.g. model.channels=[16,32,32,64,128,40]")
+        self.prep = nn.Sequential(*conv_bn(in_channels, c[0]))
+        self.layer1 = nn.Sequential(*conv_bn(c[0], c[1]), nn.MaxPool2d(2), Residual(c[1], c[2]))
+        self.layer2 = nn.Sequential(*conv_bn(c[1], c[3]), nn.MaxPool2d(2))
+        self.layer3 = nn.Sequential(*conv_bn(c[3], c[4]), nn.MaxPool2d(2), Residual(c[4], c[5]))
         self.pool = nn.AdaptiveMaxPool2d(1)
-        self.head = nn.Linear(8 * w, num_classes, bias=False)
+        self.head = nn.Linear(c[4], num_classes, bias=False)
 
     def forward(self, x):
         x = self.layer3(self.layer2(self.layer1(self.prep(x))))
