@@ -127,7 +127,8 @@ _HASH_IGNORED_TOP = {"hydra", "resume", "logger"}
 _HASH_NEUTRAL = {("trainer", "channel_multiple"): 1, ("trainer", "recalibrate_bn"): 0,
                  ("trainer", "freeze_quant"): 0.0, ("trainer", "entropy_code"): False,
                  ("trainer", "sync_norms"): False, ("model", "init_from"): None,
-                 ("trainer", "quant_lr_schedule"): "cosine", ("quant", "min_bits"): 1}
+                 ("trainer", "quant_lr_schedule"): "cosine", ("quant", "min_bits"): 1,
+                 ("quant", "exponent_refit"): False}
 
 
 def _hashed(config: dict | None) -> dict:

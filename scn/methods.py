@@ -161,6 +161,9 @@ class SelfCompress(Quantized):
     # The fewest bits a live channel holds: 2 keeps channels off the sign-less 1-bit grid
     # {-1, 0} * 2^e, so a channel pulled below 2 bits dies (docs/study/channel_removal.md).
     min_bits: int = 1
+    # At every surgery check, set each live channel's exponent to the one that quantizes its
+    # weights with the least squared error at its bit depth (the learned e tends to clip).
+    exponent_refit: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

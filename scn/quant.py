@@ -92,6 +92,21 @@ def initial_exponent(w: torch.Tensor, bits: float) -> torch.Tensor:
     return torch.ceil(torch.log2(top / levels))
 
 
+def best_exponents(w: torch.Tensor, bits: torch.Tensor, exponent: torch.Tensor,
+                   reach: int = 3) -> torch.Tensor:
+    """Per output channel, the integer exponent within `reach` of round(`exponent`) whose
+    quantization of `w` at the integer `bits` has the least squared error (ties: the smaller)."""
+    flat = w.detach().flatten(1)
+    high = (torch.exp2(bits.to(flat.dtype) - 1) - 1).unsqueeze(1)
+    base = torch.round(exponent.detach()).to(flat.dtype)
+    errors = []
+    for k in range(-reach, reach + 1):
+        scale = torch.exp2(base + k).unsqueeze(1)
+        codes = torch.minimum(torch.maximum(torch.round(flat / scale), -high - 1), high)
+        errors.append(((flat - codes * scale) ** 2).sum(1))
+    return base + torch.stack(errors).argmin(0).to(flat.dtype) - reach
+
+
 class SCLayer:
     """What SCConv2d and SCLinear share: per-channel b and e, and folded dead inputs.
 
@@ -179,6 +194,17 @@ class SCLayer:
 
     def kernel_numel(self) -> int:
         return int(math.prod(self.weight.shape[2:]))
+
+    def refit_exponents(self) -> None:
+        """Set each live channel's exponent to the one that quantizes its weights at its
+        stored bit depth with the least squared error (`quant.exponent_refit`)."""
+        if self.b is None:
+            return
+        bits = self.int_bits()
+        live = bits > 0
+        best = best_exponents(self.weight[live], bits[live], self.e[live])
+        with torch.no_grad():
+            self.e[live] = best.to(self.e.dtype)
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:

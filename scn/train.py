@@ -237,6 +237,9 @@ class Trainer:
             self.forward = self.model
             gc.collect()
         surgery.settle_norms(self.model, self.graph)  # fold what training saw, not stale stats
+        if getattr(self.model.scn_scheme, "exponent_refit", False):
+            for _, layer in sc_layers(self.model):
+                layer.refit_exponents()
         result = surgery.prune(self.model, self.graph, physical=physical, optimizer=self.optimizer,
                                multiple=self.cfg.channel_multiple)
         if result.total or self.dist:

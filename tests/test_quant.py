@@ -7,10 +7,11 @@ import torch
 from torch import nn
 
 from scn.errors import ConfigError
-from scn.methods import Scheme, quantize_
+from scn.methods import Scheme, SelfCompress, quantize_
 from scn.quant import (
     SCConv2d,
     SCLinear,
+    best_exponents,
     initial_exponent,
     quant_parameters,
     quantize,
@@ -171,3 +172,40 @@ def test_frozen_quantizes_once_and_changes_nothing(monkeypatch):
     assert len(calls) == 1
     net(x)
     assert len(calls) == 2  # outside, every forward quantizes again (weights may have changed)
+
+
+def test_refit_exponents_takes_the_least_squares_exponent_of_live_channels():
+    torch.manual_seed(0)
+    net = quantize_(_net(), Scheme(kind="self_compress", init_bits=3))
+    layer = net[0]
+    bits = [2.0, 3.0, 5.0]
+    best = []
+    for c, b in enumerate(bits):
+        w = layer.weight[c].detach().flatten()
+        errors = {e: float(((w - torch.tensor(q(w.tolist(), b, e))) ** 2).sum()) for e in range(-12, 3)}
+        best.append(min(errors, key=errors.get))
+    with torch.no_grad():
+        layer.b.copy_(torch.tensor([*bits, 0.0]))  # the last channel is dead
+        layer.e.copy_(torch.tensor([best[0] - 2, best[1] - 3, best[2] + 1, 4.0]))  # clipped, coarse
+    layer.refit_exponents()
+    assert layer.e.tolist() == [*best, 4.0]  # a dead channel's exponent is left alone
+    refit = best_exponents(layer.weight[:3], torch.tensor([2, 3, 5]), layer.e[:3])
+    assert torch.equal(refit, layer.e[:3].detach())  # a fixed point
+
+
+def test_training_with_exponent_refit_leaves_least_squares_exponents():
+    from scn.data import synthetic
+    from scn.models import build
+    from scn.schedule import Constant
+    from scn.train import TrainConfig, train
+
+    net = quantize_(build("SmallCNN", in_channels=1, num_classes=4, width=8),
+                    SelfCompress(init_bits=3, exponent_refit=True))
+    cfg = TrainConfig(max_epochs=1, max_steps=10, batch_size=32, prune_every=10, eval_every=10,
+                      progress=False)
+    train(net, synthetic(), cfg, Constant(gamma=0.0))  # the last step is a surgery check
+    layer = net[3]
+    live = layer.int_bits() > 0
+    assert live.any()
+    assert torch.equal(best_exponents(layer.weight[live], layer.int_bits()[live], layer.e[live]),
+                       layer.e[live].detach())

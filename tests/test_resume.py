@@ -415,6 +415,14 @@ def test_a_new_setting_at_its_neutral_value_keeps_finished_runs_recognisable():
     assert experiment.config_hash(before) != experiment.config_hash(config)
 
 
+@pytest.mark.parametrize("key", ["min_bits", "exponent_refit"])
+def test_self_compression_settings_added_later_keep_finished_runs_recognisable(key):
+    config = OmegaConf.to_container(compose_config([*IN_PROCESS, "quant=self_compress"]), resolve=True)
+    before = {**config, "quant": {k: v for k, v in config["quant"].items() if k != key}}
+    assert key in config["quant"]
+    assert experiment.config_hash(before) == experiment.config_hash(config)
+
+
 def test_runs_from_before_batchnorm_recalibration_are_recalibrate_bn_0():
     """Runs finished before trainer.recalibrate_bn existed evaluated with the running averages:
     the same config as recalibrate_bn=0, another one than the default (20)."""
