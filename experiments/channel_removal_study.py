@@ -8,6 +8,8 @@ table the study quotes.
 
     python experiments/channel_removal_study.py                 # every row (about 6 min each)
     python experiments/channel_removal_study.py --rows float base_g0.1 --name channel_removal_some
+    python experiments/channel_removal_study.py dataset.root=DIR --cifar10 --runs outputs/study_cifar \
+        --name channel_removal_round7_cifar10      # the CIFAR-10 rows (seventh round)
 """
 
 from __future__ import annotations
@@ -146,6 +148,28 @@ ROWS = [
     ("lig5_perbit_g0.01_min2_e16_seed1", "lig5_perbit_g0.01_min2_e16, seed 1 (the spread)",
      [*per_bit("5", "0.01"), "quant.min_bits=2", "trainer.max_epochs=16", "seed=1"]),
     ("float_e16_seed1", "float32, 16 epochs, seed 1", ["quant=none", "trainer.max_epochs=16", "seed=1"]),
+    ("lig8.5_perbit_g0.01_min2_refit", "lig8.5_perbit_g0.01_min2, exponents refit to least "
+     "squares at every surgery check", [*per_bit("8.5", "0.01"), "quant.min_bits=2",
+                                        "quant.exponent_refit=true"]),
+    ("lig5_perbit_g0.01_min2_e16_refit", "lig5_perbit_g0.01_min2_e16 (the default job), exponents "
+     "refit", [*per_bit("5", "0.01"), "quant.min_bits=2", "trainer.max_epochs=16",
+               "quant.exponent_refit=true"]),
+    ("lig8.5_perbit_g0.01_min2_e16_refit", "lig8.5_perbit_g0.01_min2_e16, exponents refit",
+     [*per_bit("8.5", "0.01"), "quant.min_bits=2", "trainer.max_epochs=16",
+      "quant.exponent_refit=true"]),
+    ("lig8_perbit_g0.01_min3_init6_refit", "lig8_perbit_g0.01_min3_init6, exponents refit",
+     [*per_bit("8", "0.01"), "quant.min_bits=3", "quant.init_bits=6", "quant.exponent_refit=true"]),
+    ("lig10_perbit_g0.01_min3_init6_refit", "lig10_perbit_g0.01_min3_init6, exponents refit",
+     [*per_bit("10", "0.01"), "quant.min_bits=3", "quant.init_bits=6", "quant.exponent_refit=true"]),
+    ("lig5_perbit_g0.01_min3_init6_e16_refit", "charge x5, min 3 bits from 6, exponents refit, "
+     "16 epochs", [*per_bit("5", "0.01"), "quant.min_bits=3", "quant.init_bits=6",
+                   "quant.exponent_refit=true", "trainer.max_epochs=16"]),
+    ("lig6.5_perbit_g0.01_min3_init6_e16_refit", "charge x6.5, min 3 bits from 6, exponents refit, "
+     "16 epochs", [*per_bit("6.5", "0.01"), "quant.min_bits=3", "quant.init_bits=6",
+                   "quant.exponent_refit=true", "trainer.max_epochs=16"]),
+    ("lig8_perbit_g0.01_min3_init6_e16_refit", "charge x8, min 3 bits from 6, exponents refit, "
+     "16 epochs", [*per_bit("8", "0.01"), "quant.min_bits=3", "quant.init_bits=6",
+                   "quant.exponent_refit=true", "trainer.max_epochs=16"]),
     ("w32_float", "float32, width 32", ["model.width=32", "quant=none"]),
     ("w32_lig3_perbit_g0.03", "width 32, per-bit charge x3, gamma 0.03",
      ["model.width=32", "quant.live_input_grad=3", "quant.live_input_spread=per_bit",
@@ -153,6 +177,30 @@ ROWS = [
     ("w32_lig10_perbit_g0.03_freeze", "width 32, per-bit charge x10, gamma 0.03, frozen last quarter",
      ["model.width=32", "quant.live_input_grad=10", "quant.live_input_spread=per_bit",
       "size_loss.gamma=0.03", "trainer.freeze_quant=0.25"]),
+]
+# The seventh round's rows on CIFAR-10 (JPEG copy): +experiment=cifar10_resnet_cpu, its own
+# settings otherwise (python experiments/channel_removal_study.py dataset.root=DIR --cifar10).
+REMOVAL = ["quant=self_compress_removal", "size_loss.gamma=0.012"]
+CIFAR_ROWS = [
+    ("float_w16", "float32, ResNet-9 width 16", ["quant=none"]),
+    ("float_w11", "float32, width 11 (every layer narrower)", ["quant=none", "model.width=11"]),
+    ("float_arch_h36", "float32, layer3's residual hidden width 36 of 128",
+     ["quant=none", "+model.channels=[16,32,32,64,128,36]"]),
+    ("sc", "self-compression, gamma 0.05 (the recipe's)", ["quant=self_compress"]),
+    ("sc_refit", "sc, exponents refit", ["quant=self_compress", "quant.exponent_refit=true"]),
+    ("lig10", "per-bit charge x10, gamma 0.012 (bench_cifar10's removal)",
+     [*REMOVAL, "quant.live_input_grad=10"]),
+    ("lig10_refit", "lig10, exponents refit", [*REMOVAL, "quant.live_input_grad=10",
+                                                "quant.exponent_refit=true"]),
+    ("lig20", "charge x20", [*REMOVAL, "quant.live_input_grad=20"]),
+    ("lig15_min3_init6", "charge x15, live channels at >= 3 bits, from 6",
+     [*REMOVAL, "quant.live_input_grad=15", "quant.min_bits=3", "quant.init_bits=6"]),
+    ("lig15_min3_init6_refit", "lig15_min3_init6, exponents refit",
+     [*REMOVAL, "quant.live_input_grad=15", "quant.min_bits=3", "quant.init_bits=6",
+      "quant.exponent_refit=true"]),
+    ("lig12_min3_init6_refit", "charge x12, min 3 bits from 6, exponents refit",
+     [*REMOVAL, "quant.live_input_grad=12", "quant.min_bits=3", "quant.init_bits=6",
+      "quant.exponent_refit=true"]),
 ]
 KEYS = (*harness.SUMMARY_KEYS, "ideal_bytes", "flops", "flops_original", "channels_left")
 
@@ -178,14 +226,19 @@ def main(argv: list[str] | None = None) -> None:
     def options(parser) -> None:
         parser.add_argument("--rows", nargs="*", default=None, help="rows to run (default: all)")
         parser.add_argument("--name", default="channel_removal", help="result file stem in --out")
+        parser.add_argument("--cifar10", action="store_true",
+                            help="the CIFAR-10 rows (pass dataset.root=DIR)")
 
     args = harness.arguments(__doc__, runs="outputs/study", argv=argv, add=options)
     results = []
-    for name, lever, overrides in ROWS:
+    for name, lever, overrides in CIFAR_ROWS if args.cifar10 else ROWS:
         if args.rows is not None and name not in args.rows:
             continue
-        before = [o for o in BEFORE if not (o.startswith("quant.") and "quant=none" in overrides)]
-        ov = ["+experiment=fashion_mnist_bench", *merged(before, overrides, args.overrides)]
+        if args.cifar10:
+            ov = ["+experiment=cifar10_resnet_cpu", *overrides, *args.overrides]
+        else:
+            before = [o for o in BEFORE if not (o.startswith("quant.") and "quant=none" in overrides)]
+            ov = ["+experiment=fashion_mnist_bench", *merged(before, overrides, args.overrides)]
         summary = run_overrides(ov, args.runs / name)
         results.append(harness.row(name, summary, KEYS, lever=lever, overrides=" ".join(overrides),
                                    entropy_file_bytes=entropy_coded_bytes(args.runs / name)))

@@ -1,4 +1,4 @@
-"""CIFAR-10 benchmark on the CPU config: float, self-compression and its removal recipe, side by side.
+"""CIFAR-10 benchmark on the CPU config: float, self-compression and its removal recipes, side by side.
 
 Every method runs `+experiment=cifar10_resnet_cpu` (ResNet-9 at width 16) with the same data,
 seed and epochs, through the same code path as scn-train; run folders go under --runs and
@@ -20,8 +20,12 @@ import matplotlib.pyplot as plt
 # charges each channel the columns it keeps alive (docs/study/channel_removal.md) at about a
 # quarter of the default gamma (with quant.min_bits=2 it removed less here: docs/results.md).
 REMOVAL = ["quant=self_compress_removal", "quant.live_input_grad=10", "size_loss.gamma=0.012"]
-METHODS = {"self_compress_removal": REMOVAL, "self_compress": ["quant=self_compress"],
-           "none": ["quant=none"]}
+# The study's seventh round: live channels at 3 bits or more from 6, exponents refit to least
+# squares at every surgery check (without the refit, channels starting at 6 bits clip to signs).
+REMOVAL_REFIT = ["quant=self_compress_removal", "quant.live_input_grad=12", "quant.min_bits=3",
+                 "quant.init_bits=6", "quant.exponent_refit=true", "size_loss.gamma=0.012"]
+METHODS = {"self_compress_removal_refit": REMOVAL_REFIT, "self_compress_removal": REMOVAL,
+           "self_compress": ["quant=self_compress"], "none": ["quant=none"]}
 
 
 def label(dataset_name: str) -> str:
