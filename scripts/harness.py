@@ -96,6 +96,9 @@ def bar_panels(panels, names: list[str], results: list[dict]) -> None:
         bars = ax.bar(names, [r[key] for r in results])
         ax.bar_label(bars, fmt="%.2f")
         ax.set(title=title)
+        ax.tick_params(axis="x", labelrotation=25)  # long method names would overlap
+        for label in ax.get_xticklabels():
+            label.set_horizontalalignment("right")
 
 
 def save_figure(fig, path: Path) -> None:
