@@ -328,6 +328,14 @@ def sc_layers(model: nn.Module) -> list[tuple[str, SCLayer]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, SCLayer)]
 
 
+def refit_exponents(model: nn.Module) -> None:
+    """Refit every quantized layer's live exponents (SCLayer.refit_exponents) when the model's
+    method asks for it (`quant.exponent_refit`); otherwise nothing."""
+    if getattr(getattr(model, "scn_scheme", None), "exponent_refit", False):
+        for _, layer in sc_layers(model):
+            layer.refit_exponents()
+
+
 def quant_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The b and e parameters (those that train), for their own optimizer group."""
     params = []

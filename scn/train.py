@@ -23,7 +23,7 @@ from scn.data import ImageData, batches
 from scn.errors import ConfigError
 from scn.evaluation import bf16_autocast, evaluate, recalibrate_norms
 from scn.numerics import check_finite
-from scn.quant import sc_layers
+from scn.quant import refit_exponents, sc_layers
 from scn.train_config import SURGERY_MODES, TrainConfig, pick_device  # noqa: F401 (re-exported)
 
 
@@ -237,9 +237,7 @@ class Trainer:
             self.forward = self.model
             gc.collect()
         surgery.settle_norms(self.model, self.graph)  # fold what training saw, not stale stats
-        if getattr(self.model.scn_scheme, "exponent_refit", False):
-            for _, layer in sc_layers(self.model):
-                layer.refit_exponents()
+        refit_exponents(self.model)  # when the method asks for it (quant.exponent_refit)
         result = surgery.prune(self.model, self.graph, physical=physical, optimizer=self.optimizer,
                                multiple=self.cfg.channel_multiple)
         if result.total or self.dist:
