@@ -17,7 +17,7 @@ from collections import Counter
 import torch
 
 from scn.checkpoint import load_checkpoint
-from scn.quant import SCLayer, best_exponents, sc_layers
+from scn.quant import SCLayer, best_exponents, quantize, sc_layers
 
 
 def layer_fit(layer: SCLayer) -> dict:
@@ -29,8 +29,7 @@ def layer_fit(layer: SCLayer) -> dict:
     high = (2 ** (b - 1) - 1).unsqueeze(1)
 
     def error(exponent: torch.Tensor) -> torch.Tensor:
-        scale = torch.exp2(exponent.float()).unsqueeze(1)
-        return ((w - torch.clamp(torch.round(w / scale), -high - 1, high) * scale) ** 2).sum()
+        return ((w - quantize(w, b.float(), exponent.float())) ** 2).sum()
 
     x = w / torch.exp2(e.float()).unsqueeze(1)
     clipped = ((x < -high - 1.5) | (x > high + 0.5)).float().mean()

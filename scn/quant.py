@@ -97,13 +97,9 @@ def best_exponents(w: torch.Tensor, bits: torch.Tensor, exponent: torch.Tensor,
     """Per output channel, the integer exponent within `reach` of round(`exponent`) whose
     quantization of `w` at the integer `bits` has the least squared error (ties: the smaller)."""
     flat = w.detach().flatten(1)
-    high = (torch.exp2(bits.to(flat.dtype) - 1) - 1).unsqueeze(1)
+    bits = bits.to(flat.dtype)
     base = torch.round(exponent.detach()).to(flat.dtype)
-    errors = []
-    for k in range(-reach, reach + 1):
-        scale = torch.exp2(base + k).unsqueeze(1)
-        codes = torch.minimum(torch.maximum(torch.round(flat / scale), -high - 1), high)
-        errors.append(((flat - codes * scale) ** 2).sum(1))
+    errors = [((flat - quantize(flat, bits, base + k)) ** 2).sum(1) for k in range(-reach, reach + 1)]
     return base + torch.stack(errors).argmin(0).to(flat.dtype) - reach
 
 

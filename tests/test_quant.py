@@ -6,8 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+from scn.data import synthetic
 from scn.errors import ConfigError
 from scn.methods import Scheme, SelfCompress, quantize_
+from scn.models import build
 from scn.quant import (
     SCConv2d,
     SCLinear,
@@ -18,6 +20,8 @@ from scn.quant import (
     round_ste,
     weight_parameters,
 )
+from scn.schedule import Constant
+from scn.train import TrainConfig, train
 
 
 def q(w, b, e, round_bits=True):
@@ -194,11 +198,6 @@ def test_refit_exponents_takes_the_least_squares_exponent_of_live_channels():
 
 
 def test_training_with_exponent_refit_leaves_least_squares_exponents():
-    from scn.data import synthetic
-    from scn.models import build
-    from scn.schedule import Constant
-    from scn.train import TrainConfig, train
-
     net = quantize_(build("SmallCNN", in_channels=1, num_classes=4, width=8),
                     SelfCompress(init_bits=3, exponent_refit=True))
     cfg = TrainConfig(max_epochs=1, max_steps=10, batch_size=32, prune_every=10, eval_every=10,
