@@ -9,7 +9,7 @@ table the study quotes.
     python experiments/channel_removal_study.py                 # every row (about 6 min each)
     python experiments/channel_removal_study.py --rows float base_g0.1 --name channel_removal_some
     python experiments/channel_removal_study.py dataset.root=DIR --cifar10 --runs outputs/study_cifar \
-        --name channel_removal_round7_cifar10      # the CIFAR-10 rows (seventh round)
+        --name channel_removal_cifar10      # every CIFAR-10 row (seventh and eighth rounds)
 """
 
 from __future__ import annotations
@@ -161,6 +161,12 @@ ROWS = [
      [*per_bit("8", "0.01"), "quant.min_bits=3", "quant.init_bits=6", "quant.exponent_refit=true"]),
     ("lig10_perbit_g0.01_min3_init6_refit", "lig10_perbit_g0.01_min3_init6, exponents refit",
      [*per_bit("10", "0.01"), "quant.min_bits=3", "quant.init_bits=6", "quant.exponent_refit=true"]),
+    ("fixed2", "fixed-bit QAT, 2 bits (bench_pareto's fixed2)", ["quant=fixed", "quant.init_bits=2"]),
+    ("fixed3", "fixed-bit QAT, 3 bits (bench_pareto's fixed3)", ["quant=fixed", "quant.init_bits=3"]),
+    ("lig6_perbit_g0.01_min3_init6_refit", "charge x6, min 3 bits from 6, exponents refit",
+     [*per_bit("6", "0.01"), "quant.min_bits=3", "quant.init_bits=6", "quant.exponent_refit=true"]),
+    ("lig7_perbit_g0.01_min3_init6_refit", "charge x7, min 3 bits from 6, exponents refit",
+     [*per_bit("7", "0.01"), "quant.min_bits=3", "quant.init_bits=6", "quant.exponent_refit=true"]),
     ("lig5_perbit_g0.01_min3_init6_e16_refit", "charge x5, min 3 bits from 6, exponents refit, "
      "16 epochs", [*per_bit("5", "0.01"), "quant.min_bits=3", "quant.init_bits=6",
                    "quant.exponent_refit=true", "trainer.max_epochs=16"]),
@@ -204,6 +210,20 @@ CIFAR_ROWS = [
     ("lig12_min3_init6_refit", "charge x12, min 3 bits from 6, exponents refit",
      [*REMOVAL, "quant.live_input_grad=12", "quant.min_bits=3", "quant.init_bits=6",
       "quant.exponent_refit=true"]),
+    ("float_w16_seed1", "float_w16, seed 1", ["quant=none", "seed=1"]),
+    ("lig10_min3_init6_refit_seed1", "lig10_min3_init6_refit, seed 1",
+     [*REMOVAL, "quant.live_input_grad=10", "quant.min_bits=3", "quant.init_bits=6",
+      "quant.exponent_refit=true", "seed=1"]),
+    ("lig10_min4_init6_refit", "charge x10, min 4 bits from 6, exponents refit",
+     [*REMOVAL, "quant.live_input_grad=10", "quant.min_bits=4", "quant.init_bits=6",
+      "quant.exponent_refit=true"]),
+    ("lig10_min5_init6_refit", "charge x10, min 5 bits from 6, exponents refit",
+     [*REMOVAL, "quant.live_input_grad=10", "quant.min_bits=5", "quant.init_bits=6",
+      "quant.exponent_refit=true"]),
+    ("float_w16_e15", "float32, 15 epochs", ["quant=none", "trainer.max_epochs=15"]),
+    ("lig10_min3_init6_refit_e15", "lig10_min3_init6_refit, 15 epochs",
+     [*REMOVAL, "quant.live_input_grad=10", "quant.min_bits=3", "quant.init_bits=6",
+      "quant.exponent_refit=true", "trainer.max_epochs=15"]),
 ]
 KEYS = (*harness.SUMMARY_KEYS, "ideal_bytes", "flops", "flops_original", "channels_left")
 
@@ -240,7 +260,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.cifar10:
             ov = ["+experiment=cifar10_resnet_cpu", *overrides, *args.overrides]
         else:
-            before = [o for o in BEFORE if not (o.startswith("quant.") and "quant=none" in overrides)]
+            plain = "quant=none" in overrides or "quant=fixed" in overrides  # no charge to set
+            before = [o for o in BEFORE if not (o.startswith("quant.") and plain)]
             ov = ["+experiment=fashion_mnist_bench", *merged(before, overrides, args.overrides)]
         summary = run_overrides(ov, args.runs / name)
         results.append(harness.row(name, summary, KEYS, lever=lever, overrides=" ".join(overrides),
