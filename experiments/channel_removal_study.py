@@ -161,6 +161,20 @@ ROWS = [
      [*per_bit("8", "0.01"), "quant.min_bits=3", "quant.init_bits=6", "quant.exponent_refit=true"]),
     ("lig10_perbit_g0.01_min3_init6_refit", "lig10_perbit_g0.01_min3_init6, exponents refit",
      [*per_bit("10", "0.01"), "quant.min_bits=3", "quant.init_bits=6", "quant.exponent_refit=true"]),
+    ("float_arch_lig10_min3_init6_refit", "float32 from scratch at the channels "
+     "lig10_perbit_g0.01_min3_init6_refit ended with", ["quant=none", "+model.channels=[15,32,32,6]"]),
+    ("w32_lig25_perbit_g0.01_min3_init6_refit", "width 32, charge x25, min 3 bits from 6, "
+     "exponents refit", ["model.width=32", *per_bit("25", "0.01"), "quant.min_bits=3",
+                         "quant.init_bits=6", "quant.exponent_refit=true"]),
+    ("w32_lig18_perbit_g0.01_min3_init6_refit", "width 32, charge x18, min 3 bits from 6, "
+     "exponents refit", ["model.width=32", *per_bit("18", "0.01"), "quant.min_bits=3",
+                         "quant.init_bits=6", "quant.exponent_refit=true"]),
+    ("lig1_perbit_cos0.3_lrq0.02_refit", "the kill-early recipe (lig1_perbit_cos0.3_lrq0.02), "
+     "exponents refit", [*RECIPE, "quant.exponent_refit=true"]),
+    ("lig1_perbit_cos0.3_lrq0.02_min2_refit", "the kill-early recipe, min 2 bits, exponents refit",
+     [*RECIPE, "quant.min_bits=2", "quant.exponent_refit=true"]),
+    ("lig1_perbit_cos0.3_lrq0.02_min3_init6_refit", "the kill-early recipe, min 3 bits from 6, "
+     "exponents refit", [*RECIPE, "quant.min_bits=3", "quant.init_bits=6", "quant.exponent_refit=true"]),
     ("fixed2", "fixed-bit QAT, 2 bits (bench_pareto's fixed2)", ["quant=fixed", "quant.init_bits=2"]),
     ("fixed3", "fixed-bit QAT, 3 bits (bench_pareto's fixed3)", ["quant=fixed", "quant.init_bits=3"]),
     ("lig6_perbit_g0.01_min3_init6_refit", "charge x6, min 3 bits from 6, exponents refit",
