@@ -22,8 +22,7 @@ import matplotlib.pyplot as plt
 REMOVAL = ["quant=self_compress_removal", "quant.live_input_grad=10", "size_loss.gamma=0.012"]
 # The study's seventh round: live channels at 3 bits or more from 6, exponents refit to least
 # squares at every surgery check (without the refit, channels starting at 6 bits clip to signs).
-REMOVAL_REFIT = ["quant=self_compress_removal", "quant.live_input_grad=10", "quant.min_bits=3",
-                 "quant.init_bits=6", "quant.exponent_refit=true", "size_loss.gamma=0.012"]
+REMOVAL_REFIT = [*REMOVAL, "quant.min_bits=3", "quant.init_bits=6", "quant.exponent_refit=true"]
 METHODS = {"self_compress_removal_refit": REMOVAL_REFIT, "self_compress_removal": REMOVAL,
            "self_compress": ["quant=self_compress"], "none": ["quant=none"]}
 
