@@ -148,6 +148,13 @@ def scheduler(optimizer: torch.optim.Optimizer, model: nn.Module, total: int,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambdas(optimizer, model, total, cfg))
 
 
+def forget_momentum(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
+    """Zero Adam's first moment of `params` (those without state have none to forget)."""
+    for p in params:
+        if "exp_avg" in optimizer.state.get(p, {}):
+            optimizer.state[p]["exp_avg"].zero_()
+
+
 def load_state(opt: torch.optim.Optimizer, model: nn.Module, t: dict[str, torch.Tensor]) -> None:
     """AdamW's per-parameter state from a training state's `optim/<parameter>/<slot>` tensors,
     matched to the parameters by name (so it maps onto a rebuilt, shrunk model)."""

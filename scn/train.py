@@ -116,6 +116,7 @@ class Trainer:
         self.elapsed_s = 0.0  # wall time spent on this run so far (by earlier processes too)
         self.other_s = 0.0  # of which evaluation and surgery: excluded from the step time
         self.forward_compiled = False
+        self.shrunk_to_target = False  # trainer.stop_shrinking_at reached: gamma is 0 from then on
         self._refresh()
 
     # ---------------------------------------------------------------------------- the loop
@@ -134,7 +135,7 @@ class Trainer:
         self.model.train()
         while self.step < self.total_steps and not self.result.paused:
             for xb, yb in self._epoch():
-                gamma = self.schedule(self.step, self.total_steps)
+                gamma = 0.0 if self.shrunk_to_target else self.schedule(self.step, self.total_steps)
                 loss = self._train_step(xb, yb, gamma)
                 self._surgery_if_due()
                 self._progress_if_due(bar, loss, gamma)
@@ -158,9 +159,8 @@ class Trainer:
             self.other_s += time.perf_counter() - t0
         self.q_now = q if q is not None else self.q_now
         self.window.add(loss, task)
-        self.pending.append({"step": self.step, "loss": loss, "task_loss": task,
-                             "size_loss": self.q_now, "gamma": gamma,
-                             "lr": self.optimizer.param_groups[0]["lr"]})
+        self.pending.append({"step": self.step, "loss": loss, "task_loss": task, "size_loss": self.q_now,
+                             "gamma": gamma, "lr": self.optimizer.param_groups[0]["lr"]})
         if not self.cuda:  # on CUDA the check waits for the log step: it syncs the device
             check_finite(self.step, loss, self.model, gamma)
         return loss
@@ -176,14 +176,12 @@ class Trainer:
     def _progress_if_due(self, bar, loss: torch.Tensor, gamma: float) -> None:
         if self.step % self.cfg.log_every == 0:
             check_finite(self.step, loss, self.model, gamma)  # a sync point anyway
-            history = self.result.history
-            acc = history[-1]["test_accuracy"] if history else float("nan")
+            acc = self.result.history[-1]["test_accuracy"] if self.result.history else float("nan")
             bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{acc:.2f}",
                             bits=f"{float(self.q_now):.2f}", gamma=f"{gamma:.3g}")
             bar.update(self.cfg.log_every)
 
-    def _evaluate_if_due(self, gamma: float, last: bool, loss: torch.Tensor,
-                         reporter: Reporter) -> None:
+    def _evaluate_if_due(self, gamma: float, last: bool, loss: torch.Tensor, reporter: Reporter) -> None:
         if self.step % (self.cfg.eval_every or self.steps_per_epoch) == 0 or last:
             t0 = time.perf_counter()
             check_finite(self.step, loss, self.model, gamma)
@@ -217,6 +215,11 @@ class Trainer:
         if self.channels_last:  # sliced tensors come back in NCHW: restore the fast layout
             self.model.to(memory_format=torch.channels_last)
         self.size.refresh(self.device, self.graph)
+        budget = self.cfg.stop_shrinking_at  # a function of the model: a resumed run agrees
+        reached = bool(budget) and self.size.report().weights_left_pct <= budget
+        if reached and not self.shrunk_to_target:  # and Adam forgets the size term's pull on b
+            optim.forget_momentum(self.optimizer, [layer.b for _, layer in sc_layers(self.model)])
+        self.shrunk_to_target = reached
         # Under torchrun, DDP around the model as it now is: a surgery changed its parameters.
         if self.dist and self.cfg.sync_norms:
             distributed.convert_norms(self.model)
@@ -378,13 +381,10 @@ class Trainer:
         self.epoch_rng = t["rng/data_epoch"]
         self.generator.set_state(self.epoch_rng)
         self.epoch_batches = int(meta["epoch_batches"])
-        self.window.loss = t["window/loss"].to(self.device)
-        self.window.task = t["window/task"].to(self.device)
-        self.window.n = int(meta["window_n"])
-        self.q_now = t["window/q"].to(self.device)
-        self.step = int(meta["step"])
-        self.pending = list(meta["pending"])
-        self.result.history = list(meta["history"])
+        self.window.loss, self.window.task, self.q_now = (t[f"window/{k}"].to(self.device)
+                                                          for k in ("loss", "task", "q"))
+        self.window.n, self.step = int(meta["window_n"]), int(meta["step"])
+        self.pending, self.result.history = list(meta["pending"]), list(meta["history"])
         self.result.surgeries = int(meta["surgeries"])
         self.elapsed_s, self.other_s = float(meta["elapsed_s"]), float(meta["other_s"])
         self.result.compile_time_s = float(meta.get("compile_s", 0.0))

@@ -31,6 +31,10 @@ class TrainConfig:
     # Fraction of training, at its end, with the bit depths and exponents frozen (their lr 0):
     # the weights then fine-tune on a fixed bit allocation; 0 = learn them to the last step.
     freeze_quant: float = 0.0
+    # > 0: a size budget, the % of the weights left at which the network stops shrinking: from
+    # the first surgery that reaches it, gamma is 0 (no more deaths) and the rest of the run
+    # recovers at that size. 0 = gamma follows size_loss to the end.
+    stop_shrinking_at: float = 0.0
     # -- surgery
     surgery: str = "physical"  # physical: remove dead channels; masked: only mask them; off
     # Steps between surgeries; 0 = no surgery (as surgery=off); "freeze" = one surgery, at the
@@ -74,6 +78,7 @@ class TrainConfig:
         "quant_lr_schedule": ("cosine", "constant"),
         "prune_every": config.NON_NEGATIVE, "checkpoint_every": config.NON_NEGATIVE,
         "channel_multiple": config.POSITIVE, "pause_after_steps": config.NON_NEGATIVE,
+        "stop_shrinking_at": config.Range(0, 100),
     }
 
     def __post_init__(self) -> None:

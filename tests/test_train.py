@@ -149,6 +149,35 @@ def test_frozen_bit_depths_stay_while_weights_train():
     assert result.history[0]["bits_per_weight"] == result.history[-1]["bits_per_weight"]
 
 
+def test_a_size_budget_stops_the_shrinking_where_it_is_reached():
+    """trainer.stop_shrinking_at: once a surgery leaves that % of the weights or fewer, gamma is
+    0 for every later step and no channel dies after it; without it the same run shrinks on."""
+    def run(budget):
+        m, logged = model(), []
+
+        class Log(Reporter):
+            def logged(self, rows):
+                logged.extend(rows)
+
+        cfg = TrainConfig(max_epochs=20, max_steps=40, batch_size=64, lr_quant=0.3, prune_every=5,
+                          eval_every=5, stop_shrinking_at=budget, progress=False)
+        return train(m, synthetic(), cfg, Constant(gamma=2.0), reporter=Log()), logged
+
+    free, free_log = run(0.0)
+    left = [row["weights_left_pct"] for row in free.history]
+    assert left[-1] < left[1] < 100  # shrinking on to the end
+    budget = left[1]  # reached at the second surgery's evaluation
+    capped, log = run(budget)
+    reached = next(r["step"] for r in capped.history if r["weights_left_pct"] <= budget)
+    assert [r["weights_left_pct"] for r in capped.history if r["step"] >= reached] == \
+        [capped.history[-1]["weights_left_pct"]] * sum(r["step"] >= reached for r in capped.history)
+    assert all(r["gamma"] == 0 for r in log if r["step"] > reached)
+    assert all(r["gamma"] > 0 for r in log if r["step"] <= reached)
+    assert capped.history[-1]["weights_left_pct"] > left[-1]
+    with pytest.raises(ConfigError, match="stop_shrinking_at"):
+        TrainConfig(stop_shrinking_at=120)
+
+
 def test_freeze_quant_must_be_a_fraction_below_one():
     for bad in (-0.1, 1.0):
         with pytest.raises(ConfigError, match="freeze_quant"):
