@@ -23,8 +23,12 @@ REMOVAL = ["quant=self_compress_removal", "quant.live_input_grad=10", "size_loss
 # The study's seventh round: live channels at 3 bits or more from 6, exponents refit to least
 # squares at every surgery check (without the refit, channels starting at 6 bits clip to signs).
 REMOVAL_REFIT = [*REMOVAL, "quant.min_bits=3", "quant.init_bits=6", "quant.exponent_refit=true"]
-METHODS = {"self_compress_removal_refit": REMOVAL_REFIT, "self_compress_removal": REMOVAL,
-           "self_compress": ["quant=self_compress"], "none": ["quant=none"]}
+# The ninth round's recipe, +experiment=cifar10_resnet_cpu_removal: survivors at 5 bits or more,
+# and the network stops shrinking at half its weights (trainer.stop_shrinking_at).
+BUDGET = ["quant=self_compress_removal_5bit", "size_loss.gamma=0.012", "trainer.stop_shrinking_at=50"]
+METHODS = {"self_compress_removal_budget": BUDGET, "self_compress_removal_refit": REMOVAL_REFIT,
+           "self_compress_removal": REMOVAL, "self_compress": ["quant=self_compress"],
+           "none": ["quant=none"]}
 
 
 def label(dataset_name: str) -> str:

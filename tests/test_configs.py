@@ -1,13 +1,16 @@
 """Every config composes, and bad configs fail early with a clear message."""
 
+import importlib.util
 from pathlib import Path
 
 import pytest
-from conftest import CONFIGS
+from conftest import CONFIGS, ROOT
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from scn.cli import build_experiment
 from scn.errors import ConfigError, DataError
+from scn.experiment import config_hash
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 GROUPS = {g: sorted(p.stem for p in (CONFIGS / g).glob("*.yaml"))
@@ -71,3 +74,17 @@ def test_experiment_builds_with_every_scheme(name, quant):
     # the float and QAT variants each experiment's comment offers must build as they are
     exp = build_experiment(cfg(f"+experiment={name}", "dataset=synthetic", f"quant={quant}"))
     assert exp.trainer.max_epochs > 0
+
+
+def test_the_cifar10_cpu_removal_experiment_is_the_benchmarks_method():
+    # scripts/bench_cifar10.py trains the recipe as overrides of cifar10_resnet_cpu: the same run
+    spec = importlib.util.spec_from_file_location("bench_cifar10", ROOT / "scripts" / "bench_cifar10.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    experiment = cfg("+experiment=cifar10_resnet_cpu_removal")
+    method = cfg("+experiment=cifar10_resnet_cpu", *bench.BUDGET)
+    assert config_hash(OmegaConf.to_container(experiment, resolve=True)) == \
+        config_hash(OmegaConf.to_container(method, resolve=True))
+    exp = build_experiment(cfg("+experiment=cifar10_resnet_cpu_removal", "dataset=synthetic"))
+    assert exp.trainer.stop_shrinking_at == 50 and exp.scheme.min_bits == 5
+
