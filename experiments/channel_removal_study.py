@@ -209,6 +209,14 @@ def refit(charge: int, min_bits: int = 3) -> list[str]:
             "quant.init_bits=6", "quant.exponent_refit=true"]
 
 
+def merged(*lists: list[str]) -> list[str]:
+    """Overrides with a later value of a key replacing an earlier one (Hydra refuses both)."""
+    out: dict[str, str] = {}
+    for item in (o for lst in lists for o in lst):
+        out[item.partition("=")[0]] = item
+    return list(out.values())
+
+
 CIFAR_ROWS = [
     ("float_w16", "float32, ResNet-9 width 16", ["quant=none"]),
     ("float_w11", "float32, width 11 (every layer narrower)", ["quant=none", "model.width=11"]),
@@ -233,6 +241,21 @@ CIFAR_ROWS = [
     ("float_w16_e15", "float32, 15 epochs", ["quant=none", "trainer.max_epochs=15"]),
     ("lig10_min3_init6_refit_e15", "lig10_min3_init6_refit, 15 epochs",
      [*refit(10), "trainer.max_epochs=15"]),
+    ("float_arch_s80_h80", "float32, layer3's stream and residual hidden width 80 of 128",
+     ["quant=none", "+model.channels=[16,32,32,64,80,80]"]),
+    ("lig10_min3_init6_refit_cos0.02", "lig10_min3_init6_refit, gamma 0.02 early, cosine to 0",
+     merged(refit(10), ["size_loss=cosine", "size_loss.gamma=0.02", "size_loss.warmup=0.2"])),
+    ("lig6_min5_init6_refit", "charge x6, min 5 bits from 6, exponents refit", refit(6, min_bits=5)),
+    ("lig10_min1_init6_refit", "charge x10, from 6 bits down to 1 (no floor), exponents refit",
+     refit(10, min_bits=1)),
+    ("lig7_min5_init6_refit", "charge x7, min 5 bits from 6, exponents refit", refit(7, min_bits=5)),
+    ("lig7_min5_init6_refit_seed1", "lig7_min5_init6_refit, seed 1",
+     [*refit(7, min_bits=5), "seed=1"]),
+    ("lig8_min5_init6_refit", "charge x8, min 5 bits from 6, exponents refit", refit(8, min_bits=5)),
+    ("lig7_min5_init6_refit_stop50", "lig7_min5_init6_refit, gamma 0 from <= 50% of the weights",
+     [*refit(7, min_bits=5), "trainer.stop_shrinking_at=50"]),
+    ("lig7_min5_init6_refit_stop50_seed1", "lig7_min5_init6_refit_stop50, seed 1",
+     [*refit(7, min_bits=5), "trainer.stop_shrinking_at=50", "seed=1"]),
 ]
 KEYS = (*harness.SUMMARY_KEYS, "ideal_bytes", "flops", "flops_original", "channels_left")
 
@@ -244,14 +267,6 @@ def entropy_coded_bytes(run_dir: Path) -> int | None:
         return None
     model, header = scn_format.load(path)
     return len(scn_format.to_bytes(model, header.get("dataset"), entropy_coded=True))
-
-
-def merged(*lists: list[str]) -> list[str]:
-    """Overrides with a later value of a key replacing an earlier one (Hydra refuses both)."""
-    out: dict[str, str] = {}
-    for item in (o for lst in lists for o in lst):
-        out[item.partition("=")[0]] = item
-    return list(out.values())
 
 
 def main(argv: list[str] | None = None) -> None:
