@@ -256,6 +256,10 @@ CIFAR_ROWS = [
      [*refit(7, min_bits=5), "trainer.stop_shrinking_at=50"]),
     ("lig7_min5_init6_refit_stop50_seed1", "lig7_min5_init6_refit_stop50, seed 1",
      [*refit(7, min_bits=5), "trainer.stop_shrinking_at=50", "seed=1"]),
+    ("float_w16_seed2", "float_w16, seed 2", ["quant=none", "seed=2"]),
+    ("lig7_min5_init6_refit_stop50_seed2", "lig7_min5_init6_refit_stop50, seed 2",
+     [*refit(7, min_bits=5), "trainer.stop_shrinking_at=50", "seed=2"]),
+    ("lig10_min3_init6_refit_seed2", "lig10_min3_init6_refit, seed 2", [*refit(10), "seed=2"]),
 ]
 KEYS = (*harness.SUMMARY_KEYS, "ideal_bytes", "flops", "flops_original", "channels_left")
 
