@@ -461,3 +461,22 @@ def test_every_file_scn_writes_goes_through_scn_io():
             code = line.split("#")[0]
             if direct.search(code) and "atomic_write(" not in code and "not a result" not in line:
                 pytest.fail(f"{path.relative_to(ROOT)}:{number} writes a file directly: {line.strip()}")
+
+
+def test_a_resumed_run_keeps_its_size_budget(tmp_path, monkeypatch, reference):
+    """trainer.stop_shrinking_at is read off the model: a run resumed from a checkpoint taken
+    after the budget was reached keeps gamma at 0 and ends exactly as the uninterrupted run."""
+    budget = ("trainer.stop_shrinking_at=80",)
+    log = (reference(*budget) / "train_log.csv").read_text().splitlines()
+    header = log[0].split(",")
+    steps = [dict(zip(header, line.split(","), strict=True)) for line in log[1:]]
+    reached = next(int(float(r["step"])) for r in steps if float(r["gamma"]) == 0)
+    assert 0 < reached < 12 and all(float(r["gamma"]) == 0 for r in steps if float(r["step"]) > reached)
+    exp = exp_of(*budget, "trainer.checkpoint_every=4")
+    with monkeypatch.context() as m:
+        crash_at(m, 14)
+        with pytest.raises(Crash):
+            experiment.run(exp, tmp_path, resume=True)
+    assert resume.load(resume.path_in(tmp_path)).step == 12
+    experiment.run(exp, tmp_path, resume=True)
+    assert_same_run(reference(*budget), tmp_path)
