@@ -191,6 +191,8 @@ ROWS = [
      "16 epochs", [*per_bit("8", "0.01"), "quant.min_bits=3", "quant.init_bits=6",
                    "quant.exponent_refit=true", "trainer.max_epochs=16"]),
     ("w32_float", "float32, width 32", ["model.width=32", "quant=none"]),
+    ("w32_lig1_perbit_cos0.3_lrq0.02_stop30", "width 32, the kill-early recipe, shrinking stopped "
+     "at 30% of the weights", ["model.width=32", *RECIPE, "trainer.stop_shrinking_at=30"]),
     ("w32_lig3_perbit_g0.03", "width 32, per-bit charge x3, gamma 0.03",
      ["model.width=32", "quant.live_input_grad=3", "quant.live_input_spread=per_bit",
       "size_loss.gamma=0.03"]),
