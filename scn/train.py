@@ -216,10 +216,9 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         self.size.refresh(self.device, self.graph)
         budget = self.cfg.stop_shrinking_at  # a function of the model: a resumed run agrees
-        reached = bool(budget) and self.size.report().weights_left_pct <= budget
-        if reached and not self.shrunk_to_target:  # and Adam forgets the size term's pull on b
+        if budget and not self.shrunk_to_target and self.size.report().weights_left_pct <= budget:
+            self.shrunk_to_target = True  # weights never grow back: checked until reached
             optim.forget_momentum(self.optimizer, [layer.b for _, layer in sc_layers(self.model)])
-        self.shrunk_to_target = reached
         # Under torchrun, DDP around the model as it now is: a surgery changed its parameters.
         if self.dist and self.cfg.sync_norms:
             distributed.convert_norms(self.model)

@@ -1,6 +1,7 @@
 """Faults during training: killed runs resume exactly, checkpoints survive a kill mid-write and
 a failing disk, NaN never replaces a good checkpoint, a sweep outlives one diverging run."""
 
+import csv
 import errno
 import json
 import os
@@ -467,9 +468,8 @@ def test_a_resumed_run_keeps_its_size_budget(tmp_path, monkeypatch, reference):
     """trainer.stop_shrinking_at is read off the model: a run resumed from a checkpoint taken
     after the budget was reached keeps gamma at 0 and ends exactly as the uninterrupted run."""
     budget = ("trainer.stop_shrinking_at=80",)
-    log = (reference(*budget) / "train_log.csv").read_text().splitlines()
-    header = log[0].split(",")
-    steps = [dict(zip(header, line.split(","), strict=True)) for line in log[1:]]
+    with open(reference(*budget) / "train_log.csv", newline="") as f:
+        steps = list(csv.DictReader(f))
     reached = next(int(float(r["step"])) for r in steps if float(r["gamma"]) == 0)
     assert 0 < reached < 12 and all(float(r["gamma"]) == 0 for r in steps if float(r["step"]) > reached)
     exp = exp_of(*budget, "trainer.checkpoint_every=4")
