@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from scn.errors import ConfigError
-from scn.quant import quant_parameters, weight_parameters
+from scn.quant import quant_parameters, sc_layers, weight_parameters
 
 
 def make_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
@@ -153,6 +153,15 @@ def forget_momentum(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]
     for p in params:
         if "exp_avg" in optimizer.state.get(p, {}):
             optimizer.state[p]["exp_avg"].zero_()
+
+
+def settle_at_budget(optimizer: torch.optim.Optimizer, model: nn.Module, bits: int = 0) -> None:
+    """At the size budget (trainer.stop_shrinking_at), where gamma drops to 0: forget the bit
+    depths' momentum, and with `bits` > 0 raise the survivors below it (SCLayer.refine_bits)."""
+    for _, layer in sc_layers(model):
+        forget_momentum(optimizer, [layer.b])
+        if bits:
+            layer.refine_bits(bits)
 
 
 def load_state(opt: torch.optim.Optimizer, model: nn.Module, t: dict[str, torch.Tensor]) -> None:

@@ -202,6 +202,19 @@ class SCLayer:
         with torch.no_grad():
             self.e[live] = best.to(self.e.dtype)
 
+    def refine_bits(self, bits: int) -> None:
+        """Raise each live channel stored with fewer than `bits` bits to `bits`, its exponent
+        lowered as much: a finer grid with the same negative end, so it holds every value the
+        coarser one did (`trainer.budget_bits`)."""
+        if self.b is None:
+            return
+        stored = self.int_bits()
+        shift = torch.where(stored > 0, (bits - stored).clamp(min=0), 0)
+        raise_ = shift > 0
+        with torch.no_grad():
+            self.b[raise_] = float(bits)
+            self.e[raise_] = torch.round(self.e[raise_]) - shift[raise_].to(self.e.dtype)
+
 
 def _layout(x: torch.Tensor) -> torch.memory_format:
     cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)

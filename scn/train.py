@@ -218,7 +218,7 @@ class Trainer:
         budget = self.cfg.stop_shrinking_at  # a function of the model: a resumed run agrees
         if budget and not self.shrunk_to_target and self.size.report().weights_left_pct <= budget:
             self.shrunk_to_target = True  # weights never grow back: checked until reached
-            optim.forget_momentum(self.optimizer, [layer.b for _, layer in sc_layers(self.model)])
+            optim.settle_at_budget(self.optimizer, self.model, self.cfg.budget_bits)
         # Under torchrun, DDP around the model as it now is: a surgery changed its parameters.
         if self.dist and self.cfg.sync_norms:
             distributed.convert_norms(self.model)

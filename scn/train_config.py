@@ -35,6 +35,10 @@ class TrainConfig:
     # the first surgery that reaches it, gamma is 0 (no more deaths) and the rest of the run
     # recovers at that size. 0 = gamma follows size_loss to the end.
     stop_shrinking_at: float = 0.0
+    # > 0: at that budget, live channels stored with fewer bits are raised to this many, their
+    # grid refined (scn.quant.SCLayer.refine_bits): the bits the network no longer spends on
+    # channels go to the survivors' precision. 0 = they keep their bits.
+    budget_bits: int = 0
     # -- surgery
     surgery: str = "physical"  # physical: remove dead channels; masked: only mask them; off
     # Steps between surgeries; 0 = no surgery (as surgery=off); "freeze" = one surgery, at the
@@ -78,12 +82,16 @@ class TrainConfig:
         "quant_lr_schedule": ("cosine", "constant"),
         "prune_every": config.NON_NEGATIVE, "checkpoint_every": config.NON_NEGATIVE,
         "channel_multiple": config.POSITIVE, "pause_after_steps": config.NON_NEGATIVE,
-        "stop_shrinking_at": config.Range(0, 100),
+        "stop_shrinking_at": config.Range(0, 100), "budget_bits": config.Range(0, 16),
     }
 
     def __post_init__(self) -> None:
         config.validate(self, "trainer", self.LIMITS)
         pick_device(self.device)  # an unknown device, or CUDA where there is none, fails now
+        if self.budget_bits and not self.stop_shrinking_at:
+            raise config.invalid("trainer.budget_bits", self.budget_bits,
+                                 "0 unless trainer.stop_shrinking_at sets the size budget at "
+                                 "which the survivors' bits are raised")
         if self.prune_every == "freeze" and not self.freeze_quant:
             raise config.invalid("trainer.prune_every", self.prune_every,
                                  "an integer >= 0 unless trainer.freeze_quant > 0 (\"freeze\" "

@@ -197,6 +197,27 @@ def test_refit_exponents_takes_the_least_squares_exponent_of_live_channels():
     assert torch.equal(refit, layer.e[:3].detach())  # a fixed point
 
 
+def test_refine_bits_raises_live_channels_to_a_finer_grid_that_holds_every_old_value():
+    torch.manual_seed(0)
+    net = quantize_(_net(), Scheme(kind="self_compress", init_bits=3))
+    layer = net[0]
+    with torch.no_grad():
+        layer.b.copy_(torch.tensor([1.2, 2.0, 4.0, 0.0]))  # 1, 2 and 4 bits, and a dead channel
+        layer.e.copy_(torch.tensor([-1.0, -2.0, -3.0, 4.0]))
+    before = layer.effective_weight().detach()
+    layer.refine_bits(3)
+    assert layer.int_bits().tolist() == [3, 3, 4, 0]
+    assert layer.int_exponents().tolist() == [-3, -3, -3, 4]  # as many steps finer as bits added
+    after = layer.effective_weight().detach()
+    assert not torch.equal(after[:2], before[:2])  # finer: closer to the weights
+    w = layer.weight.detach()
+    assert ((after[:2] - w[:2]) ** 2).sum() < ((before[:2] - w[:2]) ** 2).sum()
+    assert torch.equal(after[2:], before[2:])  # at or above 3 bits, or dead: untouched
+    for c in range(2):  # the new grid holds every value of the old one
+        held = quantize(before[c:c + 1], layer.b[c:c + 1], layer.e[c:c + 1])
+        assert torch.equal(held, before[c:c + 1])
+
+
 def test_training_with_exponent_refit_leaves_least_squares_exponents():
     net = quantize_(build("SmallCNN", in_channels=1, num_classes=4, width=8),
                     SelfCompress(init_bits=3, exponent_refit=True))

@@ -464,10 +464,12 @@ def test_every_file_scn_writes_goes_through_scn_io():
                 pytest.fail(f"{path.relative_to(ROOT)}:{number} writes a file directly: {line.strip()}")
 
 
-def test_a_resumed_run_keeps_its_size_budget(tmp_path, monkeypatch, reference):
+@pytest.mark.parametrize("budget", [("trainer.stop_shrinking_at=80",),
+                                    ("trainer.stop_shrinking_at=80", "trainer.budget_bits=4")])
+def test_a_resumed_run_keeps_its_size_budget(tmp_path, monkeypatch, reference, budget):
     """trainer.stop_shrinking_at is read off the model: a run resumed from a checkpoint taken
-    after the budget was reached keeps gamma at 0 and ends exactly as the uninterrupted run."""
-    budget = ("trainer.stop_shrinking_at=80",)
+    after the budget was reached keeps gamma at 0 and ends exactly as the uninterrupted run
+    (with trainer.budget_bits too: the raised bit depths are part of the state)."""
     with open(reference(*budget) / "train_log.csv", newline="") as f:
         steps = list(csv.DictReader(f))
     reached = next(int(float(r["step"])) for r in steps if float(r["gamma"]) == 0)

@@ -9,6 +9,7 @@ from scn.errors import ConfigError, NumericalError
 from scn.evaluation import recalibrate_norms
 from scn.methods import Scheme, quantize_
 from scn.models import SmallCNN, build
+from scn.quant import sc_layers
 from scn.schedule import Constant, Cosine, LinearWarmup
 from scn.train import Reporter, TrainConfig, train
 
@@ -176,6 +177,20 @@ def test_a_size_budget_stops_the_shrinking_where_it_is_reached():
     assert capped.history[-1]["weights_left_pct"] > left[-1]
     with pytest.raises(ConfigError, match="stop_shrinking_at"):
         TrainConfig(stop_shrinking_at=120)
+
+
+def test_budget_bits_raise_the_survivors_where_the_budget_is_reached():
+    """trainer.budget_bits: at the size budget every live channel below it is raised to it,
+    and no channel dies after it; it needs a budget."""
+    m = model(bits=2)
+    cfg = TrainConfig(max_epochs=20, max_steps=40, batch_size=64, lr_quant=0.3, prune_every=5,
+                      eval_every=5, stop_shrinking_at=99, budget_bits=4, progress=False)
+    result = train(m, synthetic(), cfg, Constant(gamma=2.0))
+    assert result.surgeries > 0 and result.history[-1]["weights_left_pct"] < 99
+    bits = torch.cat([layer.int_bits() for _, layer in sc_layers(m) if layer.quantized])
+    assert bits[bits > 0].min() >= 4  # every survivor, from 2 bits
+    with pytest.raises(ConfigError, match="budget_bits"):
+        TrainConfig(budget_bits=3)
 
 
 def test_freeze_quant_must_be_a_fraction_below_one():
