@@ -205,15 +205,18 @@ class SCLayer:
     def refine_bits(self, bits: int) -> None:
         """Raise each live channel stored with fewer than `bits` bits to `bits`, its exponent
         lowered as much: a finer grid with the same negative end, so it holds every value the
-        coarser one did (`trainer.budget_bits`)."""
+        coarser one did (`trainer.budget_bits`). Every live b below `bits` is set to it, also
+        one a `min_bits` floor already stores with that many: it is then far from 0."""
         if self.b is None:
             return
         stored = self.int_bits()
-        shift = torch.where(stored > 0, (bits - stored).clamp(min=0), 0)
-        raise_ = shift > 0
+        held = torch.round(self.b.detach()) if self.round_bits else torch.ceil(self.b.detach())
+        lifted = (stored > 0) & (held < bits)  # below `bits` in b, whatever the floor stores
+        shift = (bits - stored).clamp(min=0)
+        refined = lifted & (shift > 0)
         with torch.no_grad():
-            self.b[raise_] = float(bits)
-            self.e[raise_] = torch.round(self.e[raise_]) - shift[raise_].to(self.e.dtype)
+            self.b[lifted] = float(bits)
+            self.e[refined] = torch.round(self.e[refined]) - shift[refined].to(self.e.dtype)
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:

@@ -216,6 +216,12 @@ def test_refine_bits_raises_live_channels_to_a_finer_grid_that_holds_every_old_v
     for c in range(2):  # the new grid holds every value of the old one
         held = quantize(before[c:c + 1], layer.b[c:c + 1], layer.e[c:c + 1])
         assert torch.equal(held, before[c:c + 1])
+    layer.min_bits = 3  # a floor stores b = 0.7 with 3 bits, one step of b from death
+    with torch.no_grad():
+        layer.b.copy_(torch.tensor([0.7, 3.0, 4.0, 0.0]))
+    exponents = layer.int_exponents().clone()
+    layer.refine_bits(3)
+    assert layer.b.tolist() == [3.0, 3.0, 4.0, 0.0] and torch.equal(layer.int_exponents(), exponents)
 
 
 def test_training_with_exponent_refit_leaves_least_squares_exponents():
