@@ -193,6 +193,48 @@ ROWS = [
     ("w32_float", "float32, width 32", ["model.width=32", "quant=none"]),
     ("w32_lig1_perbit_cos0.3_lrq0.02_stop30", "width 32, the kill-early recipe, shrinking stopped "
      "at 30% of the weights", ["model.width=32", *RECIPE, "trainer.stop_shrinking_at=30"]),
+    ("w32_float_arch_stop30", "float32, width 32, from scratch at the channels "
+     "w32_lig1_perbit_cos0.3_lrq0.02_stop30 ended with", ["quant=none", "+model.channels=[18,47,29,31]"]),
+    ("w32_lig1_perbit_cos0.3_lrq0.02_stop30_seed1", "w32_lig1_perbit_cos0.3_lrq0.02_stop30, seed 1",
+     ["model.width=32", *RECIPE, "trainer.stop_shrinking_at=30", "seed=1"]),
+    ("w32_lig1_perbit_cos0.3_lrq0.02_stop30_bits2", "w32_lig1_perbit_cos0.3_lrq0.02_stop30, survivors "
+     "raised to 2 bits at the budget", ["model.width=32", *RECIPE, "trainer.stop_shrinking_at=30",
+                                        "trainer.budget_bits=2"]),
+    ("w32_lig1_perbit_cos0.3_lrq0.02_stop25_bits3", "the kill-early recipe at width 32, stopped at "
+     "25%, survivors raised to 3 bits there", ["model.width=32", *RECIPE, "trainer.stop_shrinking_at=25",
+                                               "trainer.budget_bits=3"]),
+    ("w32_lig1_perbit_cos0.3_lrq0.02_stop30_bits2_check50", "w32_lig1_perbit_cos0.3_lrq0.02_stop30_bits2, "
+     "surgery checks every 50 steps (not 200)", ["model.width=32", *RECIPE, "trainer.stop_shrinking_at=30",
+                                                 "trainer.budget_bits=2", "trainer.prune_every=50"]),
+    ("w32_float_arch_check50", "float32, width 32, from scratch at the channels "
+     "w32_lig1_perbit_cos0.3_lrq0.02_stop30_bits2_check50 ended with",
+     ["quant=none", "+model.channels=[20,52,37,30]"]),
+    ("w32_lig1_perbit_cos0.3_lrq0.02_min2_stop30_check50", "the kill-early recipe at width 32, live "
+     "channels held at 2 bits or more, stopped at 30% (checked every 50 steps)",
+     ["model.width=32", *RECIPE, "quant.min_bits=2", "trainer.stop_shrinking_at=30",
+      "trainer.prune_every=50"]),
+    ("w32_lig1_perbit_cos0.3_lrq0.02_min3_stop30_check50", "the same, held at 3 bits or more",
+     ["model.width=32", *RECIPE, "quant.min_bits=3", "trainer.stop_shrinking_at=30",
+      "trainer.prune_every=50"]),
+    ("w32_lig1_perbit_cos0.3_lrq0.02_min2_stop25_bits2_check10", "the kill-early recipe at width 32, "
+     "live channels held at 2 bits or more, stopped at 25% (checked every 10 steps), every live b "
+     "set to 2 or more there", ["model.width=32", *RECIPE, "quant.min_bits=2",
+                                "trainer.stop_shrinking_at=25", "trainer.budget_bits=2",
+                                "trainer.prune_every=10"]),
+    ("w32_lig1_perbit_cos0.3_lrq0.02_min2_stop25_bits2_check10_seed1",
+     "w32_lig1_perbit_cos0.3_lrq0.02_min2_stop25_bits2_check10, seed 1",
+     ["model.width=32", *RECIPE, "quant.min_bits=2", "trainer.stop_shrinking_at=25",
+      "trainer.budget_bits=2", "trainer.prune_every=10", "seed=1"]),
+    ("w32_lig1_perbit_cos0.3_lrq0.02_min2_stop25_bits2_check50", "the kill-early recipe at width 32, "
+     "live channels held at 2 bits or more, stopped at 25% (checked every 50 steps), every live b "
+     "set to 2 or more there (+experiment=fashion_mnist_paper_regime)",
+     ["model.width=32", *RECIPE, "quant.min_bits=2", "trainer.stop_shrinking_at=25",
+      "trainer.budget_bits=2", "trainer.prune_every=50"]),
+    ("w32_lig1_perbit_cos0.3_lrq0.02_min2_stop25_bits2_check50_seed1",
+     "w32_lig1_perbit_cos0.3_lrq0.02_min2_stop25_bits2_check50, seed 1",
+     ["model.width=32", *RECIPE, "quant.min_bits=2", "trainer.stop_shrinking_at=25",
+      "trainer.budget_bits=2", "trainer.prune_every=50", "seed=1"]),
+    ("w32_float_seed1", "float32, width 32, seed 1", ["model.width=32", "quant=none", "seed=1"]),
     ("w32_lig3_perbit_g0.03", "width 32, per-bit charge x3, gamma 0.03",
      ["model.width=32", "quant.live_input_grad=3", "quant.live_input_spread=per_bit",
       "size_loss.gamma=0.03"]),

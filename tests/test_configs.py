@@ -88,3 +88,13 @@ def test_the_cifar10_cpu_removal_experiment_is_the_benchmarks_method():
     exp = build_experiment(cfg("+experiment=cifar10_resnet_cpu_removal", "dataset=synthetic"))
     assert exp.trainer.stop_shrinking_at == 50 and exp.scheme.min_bits == 5
 
+
+
+
+def test_the_paper_regime_experiment_is_the_studys_recipe():
+    # the tenth round's row, as bench_paper_regime.py trains it
+    exp = build_experiment(cfg("+experiment=fashion_mnist_paper_regime", "dataset=synthetic"))
+    assert (exp.trainer.stop_shrinking_at, exp.trainer.budget_bits, exp.trainer.prune_every) == (25, 2, 50)
+    assert exp.scheme.min_bits == 2 and exp.scheme.live_input_grad == 1
+    assert exp.scheme.live_input_spread == "per_bit" and exp.trainer.lr_quant == 0.02
+    assert exp.model.keywords["width"] == 32 and exp.schedule.gamma == 0.3
