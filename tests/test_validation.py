@@ -30,7 +30,7 @@ NO_DATA = ["dataset=fashion_mnist", "dataset.root=/no/such/folder", "dataset.dow
                                   "masked, off."),
     ("trainer.device=tpu", "trainer.device='tpu' is invalid: it must be auto, cpu, cuda or cuda:N"),
     ("+trainer.colour=red", "trainer.colour='red' is not a setting: trainer has no key 'colour'. "
-                            "Its valid keys are amp, batch_size, channel_multiple, channels_last,"),
+                            "Its valid keys are amp, batch_size, budget_bits, channel_multiple,"),
     ("quant.round_bits=maybe", "quant.round_bits='maybe' is invalid: it must be true or false."),
     ("+quant.kind=magic", "quant.kind='magic' is not a setting: quant has no key 'kind'"),
     ("quant.init_bits=abc", "quant.init_bits='abc' is invalid: it must be a number."),
