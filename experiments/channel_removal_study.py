@@ -234,6 +234,10 @@ ROWS = [
      "w32_lig1_perbit_cos0.3_lrq0.02_min2_stop25_bits2_check50, seed 1",
      ["model.width=32", *RECIPE, "quant.min_bits=2", "trainer.stop_shrinking_at=25",
       "trainer.budget_bits=2", "trainer.prune_every=50", "seed=1"]),
+    ("w32_lig1_perbit_cos0.3_lrq0.02_min2_stop20_bits2_check50", "the benchmark's recipe "
+     "(..._min2_stop25_bits2_check50) stopped at 20%",
+     ["model.width=32", *RECIPE, "quant.min_bits=2", "trainer.stop_shrinking_at=20",
+      "trainer.budget_bits=2", "trainer.prune_every=50"]),
     ("w32_float_seed1", "float32, width 32, seed 1", ["model.width=32", "quant=none", "seed=1"]),
     ("w32_lig3_perbit_g0.03", "width 32, per-bit charge x3, gamma 0.03",
      ["model.width=32", "quant.live_input_grad=3", "quant.live_input_spread=per_bit",
