@@ -148,18 +148,13 @@ def scheduler(optimizer: torch.optim.Optimizer, model: nn.Module, total: int,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambdas(optimizer, model, total, cfg))
 
 
-def forget_momentum(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
-    """Zero Adam's first moment of `params` (those without state have none to forget)."""
-    for p in params:
-        if "exp_avg" in optimizer.state.get(p, {}):
-            optimizer.state[p]["exp_avg"].zero_()
-
-
 def settle_at_budget(optimizer: torch.optim.Optimizer, model: nn.Module, bits: int = 0) -> None:
-    """At the size budget (trainer.stop_shrinking_at), where gamma drops to 0: forget the bit
-    depths' momentum, and with `bits` > 0 raise the survivors below it (SCLayer.refine_bits)."""
+    """At the size budget (trainer.stop_shrinking_at), where gamma drops to 0: zero Adam's first
+    moment of every bit depth (those without state have none to forget), and with `bits` > 0
+    raise the survivors below it (SCLayer.refine_bits)."""
     for _, layer in sc_layers(model):
-        forget_momentum(optimizer, [layer.b])
+        if "exp_avg" in optimizer.state.get(layer.b, {}):
+            optimizer.state[layer.b]["exp_avg"].zero_()
         if bits:
             layer.refine_bits(bits)
 

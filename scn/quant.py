@@ -144,9 +144,12 @@ class SCLayer:
         """Bit depth each output channel is stored with (0 = dead); float layers give 32."""
         if self.b is None:
             return torch.full((self.weight.shape[0],), 32, dtype=torch.long, device=self.weight.device)
+        return raise_live_bits(self._whole_bits().clamp(0, MAX_BITS), self.min_bits).long()
+
+    def _whole_bits(self) -> torch.Tensor:
+        """b as a whole number of bits, before any min_bits floor (ceil(b) for a real-valued b)."""
         b = self.b.detach()
-        b = torch.round(b) if self.round_bits else torch.ceil(b)
-        return raise_live_bits(b.clamp(0, MAX_BITS), self.min_bits).long()
+        return torch.round(b) if self.round_bits else torch.ceil(b)
 
     def int_exponents(self) -> torch.Tensor:
         assert self.e is not None
@@ -210,8 +213,7 @@ class SCLayer:
         if self.b is None:
             return
         stored = self.int_bits()
-        held = torch.round(self.b.detach()) if self.round_bits else torch.ceil(self.b.detach())
-        lifted = (stored > 0) & (held < bits)  # below `bits` in b, whatever the floor stores
+        lifted = (stored > 0) & (self._whole_bits() < bits)  # whatever the floor stores
         shift = (bits - stored).clamp(min=0)
         refined = lifted & (shift > 0)
         with torch.no_grad():

@@ -2,12 +2,11 @@
 
 Float and self-compression (the recipe of docs/study/channel_removal.md) side by side, same
 model, data, epochs and seed, in one invocation, trained one after the other through the code
-path of `scn-train +experiment=fashion_mnist_paper_regime`.
-The paper (Cséfalvay & Imber, 2023) reports float accuracy with 3% of the bits and 18% of the
-weights; each record here says how close a run comes: accuracy, bits per weight, share of
-float32 bits, share of weights left, FLOPs of the final model, and the whole run's wall time
-(the network shrinks while it trains, so the run itself is cheaper). Writes
-docs/results/paper_regime.json and paper_regime.png.
+path of `scn-train +experiment=fashion_mnist_paper_regime`. The paper (Cséfalvay & Imber,
+2023) reports float accuracy with 3% of the bits and 18% of the weights; each record here says
+how close a run comes: accuracy, bits per weight, share of float32 bits, share of weights left,
+FLOPs of the final model, and the whole run's wall time (the network shrinks while it trains,
+so the run itself is cheaper). Writes docs/results/paper_regime.json and paper_regime.png.
 
     python scripts/bench_paper_regime.py                  # Fashion-MNIST: the committed records
     python scripts/bench_paper_regime.py --dataset cifar10 dataset.root=DIR   # CUDA: the full recipe
@@ -23,8 +22,8 @@ import matplotlib.pyplot as plt
 # The recipe's point: Fashion-MNIST's removal experiment at width 32 with a size budget and a
 # 2-bit floor (the study's tenth round; width 16 is capacity-bound at these sizes); on CIFAR-10
 # the full recipe with the live-input charge (the study's lever, not yet tuned on CIFAR-10).
-EXPERIMENTS = {"fashion_mnist": ["+experiment=fashion_mnist_paper_regime"],
-               "cifar10": ["+experiment=cifar10_resnet"]}
+EXPERIMENTS = {"fashion_mnist": "+experiment=fashion_mnist_paper_regime",
+               "cifar10": "+experiment=cifar10_resnet"}
 METHODS = {"fashion_mnist": {"none": ["quant=none"], "self_compress": []},
            "cifar10": {"none": ["quant=none"], "self_compress": ["quant=self_compress_removal"]}}
 KEYS = ("test_accuracy", "bits_per_weight", "float_bits_pct", "weights_left_pct", "param_count",
@@ -35,7 +34,7 @@ PAPER = {"float_bits_pct": 3.0, "weights_left_pct": 18.0}  # its CIFAR-10 headli
 def main(argv: list[str] | None = None) -> None:
     args = harness.arguments(__doc__, runs="outputs/bench/paper_regime", argv=argv, add=lambda p: (
         p.add_argument("--dataset", choices=sorted(EXPERIMENTS), default="fashion_mnist")))
-    summaries = harness.run_methods(METHODS[args.dataset], EXPERIMENTS[args.dataset], args,
+    summaries = harness.run_methods(METHODS[args.dataset], [EXPERIMENTS[args.dataset]], args,
                                     runs=args.runs / args.dataset)
     results = [harness.row(m, s, KEYS, dataset=args.dataset) for m, s in summaries.items()]
     base = next(r for r in results if r["method"] == "none")

@@ -89,8 +89,6 @@ def test_the_cifar10_cpu_removal_experiment_is_the_benchmarks_method():
     assert exp.trainer.stop_shrinking_at == 50 and exp.scheme.min_bits == 5
 
 
-
-
 def test_the_paper_regime_experiment_is_the_studys_recipe():
     # the tenth round's row, as bench_paper_regime.py trains it
     exp = build_experiment(cfg("+experiment=fashion_mnist_paper_regime", "dataset=synthetic"))

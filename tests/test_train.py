@@ -180,8 +180,8 @@ def test_a_size_budget_stops_the_shrinking_where_it_is_reached():
 
 
 def test_budget_bits_raise_the_survivors_where_the_budget_is_reached():
-    """trainer.budget_bits: at the size budget every live channel below it is raised to it,
-    and no channel dies after it; it needs a budget."""
+    """trainer.budget_bits: at the size budget every live channel below it is raised to it;
+    it needs a budget."""
     m = model(bits=2)
     cfg = TrainConfig(max_epochs=20, max_steps=40, batch_size=64, lr_quant=0.3, prune_every=5,
                       eval_every=5, stop_shrinking_at=99, budget_bits=4, progress=False)
