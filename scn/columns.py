@@ -51,8 +51,10 @@ SPREADS = ("flat", "per_bit")
 
 
 def columns(model: nn.Module, graph: ChannelGraph, layers: list[SCLayer],
-            weight: float, spread: str = "flat") -> Columns | None:
-    """The charge for the channels of `layers` (the size plan's, in its order); None when off."""
+            weight: float, spread: str = "flat", charges: dict[str, float] | None = None
+            ) -> Columns | None:
+    """The charge for the channels of `layers` (the size plan's, in its order); None when off.
+    `charges` (scn.flops_charge) weighs each consumer's column by its uses per example."""
     if not weight or not layers:
         return None
     names = {id(m): name for name, m in model.named_modules()}
@@ -69,6 +71,7 @@ def columns(model: nn.Module, graph: ChannelGraph, layers: list[SCLayer],
         for name, block, _ in space.consumers:
             layer = model.get_submodule(name)
             weights_per_channel = block * layer.kernel_numel()  # of each output, per input channel
+            weights_per_channel *= (charges or {}).get(name, 1.0)
             if name in offsets:
                 consumers[s, offsets[name]:offsets[name] + layer.weight.shape[0]] = weights_per_channel
             else:  # a float or fixed-bit consumer: its column's bits change only at surgery

@@ -128,8 +128,8 @@ _HASH_NEUTRAL = {("trainer", "channel_multiple"): 1, ("trainer", "recalibrate_bn
                  ("trainer", "freeze_quant"): 0.0, ("trainer", "entropy_code"): False,
                  ("trainer", "sync_norms"): False, ("model", "init_from"): None,
                  ("trainer", "quant_lr_schedule"): "cosine", ("quant", "min_bits"): 1,
-                 ("quant", "exponent_refit"): False, ("trainer", "stop_shrinking_at"): 0.0,
-                 ("trainer", "budget_bits"): 0}
+                 ("quant", "exponent_refit"): False, ("quant", "flops_charge"): 0.0,
+                 ("trainer", "stop_shrinking_at"): 0.0, ("trainer", "budget_bits"): 0}
 
 
 def _hashed(config: dict | None) -> dict:

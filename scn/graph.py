@@ -1,30 +1,31 @@
 """The channel graph: which channels of a converted model live and die together.
 
 `trace(model, example_input)` reads the model's structure with torch.fx and returns a
-`ChannelGraph` of *spaces*: sets of channels that are removed together because every tensor
-they pass through indexes them alike. A space is made of *streams*, the tensors of its
-channels, each knowing what makes its values (its sources) and which layers read it:
+`ChannelGraph` of *spaces*: sets of channels that are removed together because every tensor they
+pass through indexes them alike. A space is made of *streams*, the tensors of its channels, each
+knowing what makes its values (its sources) and which layers read it:
 
 - a layer's output is a stream whose source is the layer; residual additions merge streams
   (the sum is constant only where every addend is);
-- a depthwise convolution (groups = in = out channels) maps channel i of its input to channel
-  i of its output: both streams join one space, and the output is constant where the layer is
-  dead or its input constant;
+- a depthwise convolution (groups = in = out channels) maps channel i of its input to channel i
+  of its output: both streams join one space, and the output is constant where the layer is dead
+  or its input constant;
 - a channel-wise product (a squeeze-and-excitation gate) joins its factors' space; it is
   constant where both factors are;
 - a concatenation is made of its parts: its readers read each part's stream at an offset;
-- channel shuffles, chunks, other reshapes and grouped convolutions fix the channel counts
-  of what they read and write (a cut would change their meaning): those spaces are
-  *protected*, like the model's input and output, and are never cut.
+- channel shuffles, chunks, other reshapes and grouped convolutions fix the channel counts of
+  what they read and write (a cut would change their meaning): those spaces are *protected*,
+  like the model's input and output, and are never cut.
 
-A space's channel can go when every stream of it that something reads (a layer's input
-columns, the model's output) is constant there: scn.surgery measures the constant and folds it
-into the readers. Anything the tracer does not understand is a `SurgeryError` naming the
-operation and the node, never a guess.
+A space's channel can go when every stream of it that something reads (a layer's input columns,
+the model's output) is constant there: scn.surgery measures the constant and folds it into the
+readers. Anything the tracer does not understand is a `SurgeryError` naming the operation and
+the node, never a guess. The graph also knows each layer's output positions per example.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -96,6 +97,7 @@ class Space:
 class ChannelGraph:  # what trace returns
     spaces: list[Space]
     input_shape: tuple[int, ...]  # one example, batch dimension included (N=1)
+    positions: dict[str, int] = field(default_factory=dict)  # per layer: outputs per channel
 
 
 @dataclass
@@ -154,8 +156,7 @@ class _Builder:
         a, b = self.same.find(a), self.same.find(b)
         if a != b:
             sa, sb = self.streams[a], self.streams[b]
-            sa.sources += sb.sources
-            sa.reads += sb.reads
+            sa.sources, sa.reads = sa.sources + sb.sources, sa.reads + sb.reads
             sa.protected |= sb.protected
             self.norms[a] += self.norms[b]
             self.same.union(a, b)
@@ -227,9 +228,12 @@ def trace(model: nn.Module, example_input: torch.Tensor) -> ChannelGraph:
     finally:
         model.train(was_training)
     walk = _Walk(gm, dict(model.named_modules()))
+    positions: dict[str, int] = {}
     for node in gm.graph.nodes:
         walk.visit(node)
-    return ChannelGraph(spaces=walk.b.spaces(), input_shape=tuple(example_input[:1].shape))
+        if node.op == "call_module" and isinstance(walk.modules[node.target], SCLayer):
+            positions[node.target] = positions.get(node.target, 0) + math.prod(_shape(node)[2:])
+    return ChannelGraph(walk.b.spaces(), tuple(example_input[:1].shape), positions)
 
 
 def _shape(n: fx.Node) -> torch.Size | None:

@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from scn import fused, size
+from scn import flops_charge, fused, size
 from scn.columns import SPREADS, columns
 from scn.errors import ConfigError
 from scn.graph import ChannelGraph
@@ -46,11 +46,12 @@ class SizeTerm:
     None when nothing trains the size) and the size report."""
 
     def __init__(self, model: nn.Module, learns_bits: bool, live_input_grad: float = 0.0,
-                 live_input_spread: str = "flat") -> None:
+                 live_input_spread: str = "flat", flops_charge: float = 0.0) -> None:
         self.model = model
         self.learns_bits = learns_bits
         self.live_input_grad = live_input_grad  # scn.columns' charge: its weight and spread
         self.live_input_spread = live_input_spread
+        self.flops_charge = flops_charge  # scn.flops_charge's strength (0: off)
         self.fixed = torch.zeros((), dtype=torch.float64)
         self.plan: size.SizePlan | None = None
         self.fused_inputs = None
@@ -62,8 +63,13 @@ class SizeTerm:
         self.fixed = size.fixed_bits(self.model).to(device)
         self.plan = size.size_plan(self.model) if self.learns_bits else None
         if self.plan is not None and graph is not None:
+            charges = (flops_charge.layer_charges(graph, self.flops_charge)
+                       if self.flops_charge else None)
             self.plan.columns = columns(self.model, graph, self.plan.layers, self.live_input_grad,
-                                        self.live_input_spread)
+                                        self.live_input_spread, charges)
+            if charges:
+                self.plan.weight_b = self.plan.weight_b * flops_charge.per_channel(
+                    self.model, self.plan.layers, charges, self.plan.weight_b)
         self.fused_inputs = size.fused_inputs(self.plan, self.fixed) if self.plan else None
 
     def term(self) -> torch.Tensor | None:
@@ -164,6 +170,9 @@ class SelfCompress(Quantized):
     # At every surgery check, set each live channel's exponent to the one that quantizes its
     # weights with the least squared error at its bit depth (the learned e tends to clip).
     exponent_refit: bool = False
+    # Scale the size term's gradient by each layer's uses per example (scn/flops_charge.py), so
+    # that channels die where the FLOPs are; 0: off, Q's gradient as the paper has it.
+    flops_charge: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -176,12 +185,16 @@ class SelfCompress(Quantized):
         if not self.live_input_grad >= 0:
             raise ConfigError(f"quant.live_input_grad={self.live_input_grad} is invalid: it "
                               "weighs a gradient and must be >= 0 (0 = off, 1 = the full charge).")
+        if not self.flops_charge >= 0:
+            raise ConfigError(f"quant.flops_charge={self.flops_charge} is invalid: it weighs a "
+                              "gradient and must be >= 0 (0 = off).")
         if self.live_input_spread not in SPREADS:
             raise ConfigError(f"quant.live_input_spread={self.live_input_spread!r} is invalid; "
                               f"valid choices are {', '.join(SPREADS)}.")
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> SizeTerm:
-        return SizeTerm(model, self.learns_bits, self.live_input_grad, self.live_input_spread)
+        return SizeTerm(model, self.learns_bits, self.live_input_grad, self.live_input_spread,
+                        self.flops_charge)
 
 
 @register

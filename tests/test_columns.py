@@ -26,10 +26,11 @@ def converted(name: str, seed: int = 0, spread: str = "flat"):
     return model, x
 
 
-def explicit_q(model, graph, weight: float, spread: str) -> torch.Tensor:
+def explicit_q(model, graph, weight: float, spread: str, charges: dict | None = None) -> torch.Tensor:
     """sum_l I_l * kernel * sum_i B_li over the scalars, I_l counting each live input channel
     as [B > 0] + weight * (b - b.detach()) shared among the channel's live producers (divided
-    by the producer's bits B with the per_bit spread)."""
+    by the producer's bits B with the per_bit spread). `charges` scales each layer's term's
+    gradient (not its value) by the layer's charge (the FLOPs charge)."""
     layers = dict(sc_layers(model))
     inputs = {name: m.in_alive.sum().float() for name, m in layers.items()}  # the counts' values
     for space in graph.spaces:
@@ -46,16 +47,23 @@ def explicit_q(model, graph, weight: float, spread: str) -> torch.Tensor:
     total = size.fixed_bits(model).float()
     for name, m in layers.items():
         bits = round_ste(m.b).clamp(0, 16)
-        total = total + inputs[name] * m.kernel_numel() * bits.sum()
+        term = inputs[name] * m.kernel_numel() * bits.sum()
+        scale = (charges or {}).get(name, 1.0)
+        total = total + term + (scale - 1) * (term - term.detach())
     return total / size.reference_of(model).scalars
 
 
 @pytest.mark.parametrize("name", ["SmallCNN", "ResNet9"])
 @pytest.mark.parametrize("path", ["fused", "per_layer"])
 @pytest.mark.parametrize("spread", ["flat", "per_bit"])
-def test_the_charge_is_the_derivative_of_the_live_input_counts(name, path, spread):
+@pytest.mark.parametrize("flops", [0.0, 3.0])
+def test_the_charge_is_the_derivative_of_the_live_input_counts(name, path, spread, flops):
+    """With the FLOPs charge (scn/flops_charge.py) each layer's term, its own weights and the
+    columns its producers keep alive in it, pulls 1 + 3 x its output positions / the largest
+    layer's times as hard."""
     model, x = converted(name, spread=spread)
     graph = surgery.trace(model, x)
+    model.scn_scheme.flops_charge = flops
     term = model.scn_scheme.attach(model, None)
     term.fuse = path == "fused"
     term.refresh(torch.device("cpu"), graph)
@@ -63,7 +71,9 @@ def test_the_charge_is_the_derivative_of_the_live_input_counts(name, path, sprea
     F.cross_entropy(model(x), torch.arange(2)).mul(0).add(q).backward()
     got = {n: m.b.grad.clone() for n, m in sc_layers(model)}
     model.zero_grad(set_to_none=True)
-    want = explicit_q(model, graph, 0.7, spread)
+    top = max(graph.positions.values())
+    charges = {n: 1 + flops * p / top for n, p in graph.positions.items()}
+    want = explicit_q(model, graph, 0.7, spread, charges)
     want.backward()
     assert torch.allclose(q.detach(), want.detach().double().float(), rtol=1e-6)
     assert q.item() == pytest.approx(size.report(model).bits_per_weight, rel=1e-6)
@@ -71,6 +81,13 @@ def test_the_charge_is_the_derivative_of_the_live_input_counts(name, path, sprea
         live = m.live_out() & (m.int_bits() < 16)
         assert torch.allclose(got[n][live], m.b.grad[live], rtol=1e-5, atol=1e-9), n
         assert not got[n][~live].any(), n  # dead channels stay dead
+
+
+def test_the_graph_knows_each_layers_output_positions():
+    """The FLOPs charge's P_l: a convolution's output pixels per example, 1 for the classifier."""
+    model, x = converted("SmallCNN")
+    graph = surgery.trace(model, x)
+    assert graph.positions == {"0": 784, "3": 784, "7": 196, "10": 196, "15": 1}
 
 
 def test_no_charge_leaves_the_term_as_it_was():
@@ -126,3 +143,15 @@ def test_a_charged_run_keeps_its_charge_through_surgery():
     channels = sum(m.b.shape[0] for m in trainer.size.plan.layers)
     assert columns.share.shape[0] == columns.consumers.shape[1] == channels
     assert columns.per_bit
+
+
+def test_the_flops_charge_is_validated_and_neutral_in_the_config_hash():
+    """A negative charge is refused; at 0 it is left out of the run's hash (runs made before
+    it existed keep theirs)."""
+    from scn.errors import ConfigError
+    from scn.experiment import _hashed
+
+    with pytest.raises(ConfigError, match="quant.flops_charge"):
+        SelfCompress(flops_charge=-1.0)
+    assert _hashed({"quant": {"flops_charge": 0.0}}) == _hashed({"quant": {}})
+    assert _hashed({"quant": {"flops_charge": 4.0}}) != _hashed({"quant": {}})
