@@ -38,6 +38,27 @@ def per_bit(weight: str, gamma: str) -> list[str]:
             f"size_loss.gamma={gamma}"]
 
 
+def merged(*lists: list[str]) -> list[str]:
+    """Overrides with a later value of a key replacing an earlier one (Hydra refuses both)."""
+    out: dict[str, str] = {}
+    for item in (o for lst in lists for o in lst):
+        out[item.partition("=")[0]] = item
+    return list(out.values())
+
+
+# The benchmark's recipe (+experiment=fashion_mnist_paper_regime) as overrides on fashion_mnist_bench.
+PAPER = ["model.width=32", *RECIPE, "quant.min_bits=2", "trainer.stop_shrinking_at=25",
+         "trainer.budget_bits=2", "trainer.prune_every=50"]
+
+
+def flops(strength: str, suffix: str = "", *more: str) -> tuple[str, str, list[str]]:
+    """The eleventh round's row: the paper regime's recipe, the FLOPs charge at `strength`, and
+    `more` overrides (replacing the recipe's value of a key)."""
+    return (f"w32_paper_flops{strength}{suffix}",
+            f"the paper regime's recipe, FLOPs charge {strength} {' '.join(more)}".strip(),
+            merged(PAPER, [f"quant.flops_charge={strength}", *more]))
+
+
 ROWS = [
     ("float", "float32 reference", ["quant=none"]),
     ("base_g0.1", "scn's original term, gamma 0.1 (the default job before the study)", []),
@@ -239,6 +260,13 @@ ROWS = [
      ["model.width=32", *RECIPE, "quant.min_bits=2", "trainer.stop_shrinking_at=20",
       "trainer.budget_bits=2", "trainer.prune_every=50"]),
     ("w32_float_seed1", "float32, width 32, seed 1", ["model.width=32", "quant=none", "seed=1"]),
+    flops("4"),
+    flops("2"),
+    ("w32_float_arch_flops4", "float32, width 32, from scratch at the channels w32_paper_flops4 "
+     "ended with", ["model.width=32", "quant=none", "+model.channels=[14,41,14,35]"]),
+    flops("4", "_check10", "trainer.prune_every=10"),
+    flops("4", "_seed1", "seed=1"),
+    flops("4", "_check10_stop30", "trainer.prune_every=10", "trainer.stop_shrinking_at=30"),
     ("w32_lig3_perbit_g0.03", "width 32, per-bit charge x3, gamma 0.03",
      ["model.width=32", "quant.live_input_grad=3", "quant.live_input_spread=per_bit",
       "size_loss.gamma=0.03"]),
@@ -255,14 +283,6 @@ def refit(charge: int, min_bits: int = 3) -> list[str]:
     """The seventh round's recipe: the charge, live channels from 6 bits held at min_bits, refit."""
     return [*REMOVAL, f"quant.live_input_grad={charge}", f"quant.min_bits={min_bits}",
             "quant.init_bits=6", "quant.exponent_refit=true"]
-
-
-def merged(*lists: list[str]) -> list[str]:
-    """Overrides with a later value of a key replacing an earlier one (Hydra refuses both)."""
-    out: dict[str, str] = {}
-    for item in (o for lst in lists for o in lst):
-        out[item.partition("=")[0]] = item
-    return list(out.values())
 
 
 CIFAR_ROWS = [
@@ -329,8 +349,14 @@ def main(argv: list[str] | None = None) -> None:
                             help="the CIFAR-10 rows (pass dataset.root=DIR)")
 
     args = harness.arguments(__doc__, runs="outputs/study", argv=argv, add=options)
+    rows = CIFAR_ROWS if args.cifar10 else ROWS
+    unknown = sorted(set(args.rows or ()) - {name for name, _, _ in rows})
+    if unknown:
+        raise SystemExit(f"channel_removal_study: no {'CIFAR-10 ' if args.cifar10 else ''}row named "
+                         f"{', '.join(unknown)}. Nothing was run. The rows are the names in "
+                         f"{'CIFAR_ROWS' if args.cifar10 else 'ROWS'} of this script.")
     results = []
-    for name, lever, overrides in CIFAR_ROWS if args.cifar10 else ROWS:
+    for name, lever, overrides in rows:
         if args.rows is not None and name not in args.rows:
             continue
         if args.cifar10:
