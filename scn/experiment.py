@@ -141,6 +141,18 @@ def _hashed(config: dict | None) -> dict:
             for k, v in (config or {}).items() if k not in _HASH_IGNORED_TOP}
 
 
+def _check_charges_have_surgery(exp: Experiment) -> None:
+    """The size term's charges read the channel graph, which only a run with surgery traces:
+    refuse them there rather than train without them."""
+    charges = [f"quant.{k}" for k in ("live_input_grad", "flops_charge") if getattr(exp.scheme, k, 0)]
+    if charges and (not exp.trainer.prune_every or exp.trainer.surgery == "off"):
+        verb = "acts" if len(charges) == 1 else "act"
+        raise ConfigError(f"{' and '.join(charges)} {verb} through channel surgery's graph, which this "
+                          f"run does not build (trainer.prune_every={exp.trainer.prune_every}, "
+                          f"trainer.surgery={exp.trainer.surgery}). Turn surgery on, or set "
+                          f"{' '.join(c + '=0' for c in charges)} (quant=self_compress has neither).")
+
+
 def config_hash(config: dict | None) -> str:
     """A short fingerprint of a resolved config, for recognising a run already done."""
     text = json.dumps(_hashed(config), sort_keys=True, default=str)
@@ -228,6 +240,7 @@ def _run_locked(exp: Experiment, run_dir: Path, resume: bool, notify: Callable[[
     if exp.trainer.pause_after_steps and not exp.scheme.packs:
         raise ConfigError(f"trainer.pause_after_steps needs training checkpoints, which "
                           f"quant={exp.scheme.kind} runs do not write; set trainer.pause_after_steps=0.")
+    _check_charges_have_surgery(exp)
     state = _starting_state(exp, run_dir, digest, resume, notify)
     if record is not None:
         record(run_dir)

@@ -191,7 +191,7 @@ def _unsupported(node: fx.Node, what: str) -> SurgeryError:
         "scn follows Conv2d (grouped and depthwise too), Linear, BatchNorm, channel-wise "
         "activations and pooling, flatten, spatial means, residual additions, concatenation, "
         "channel-wise products and channel shuffles. Train this model with surgery off "
-        "(trainer.prune_every=0), or restructure the unsupported part."
+        "(trainer.prune_every=0 quant=self_compress), or restructure the unsupported part."
     )
 
 
@@ -202,7 +202,7 @@ def _graph_module(model: nn.Module) -> fx.GraphModule:
         raise SurgeryError(
             f"channel surgery needs to trace the model with torch.fx and that failed: {exc}. "
             "Models with data-dependent control flow cannot be traced; use surgery off "
-            "(trainer.prune_every=0)."
+            "(trainer.prune_every=0 quant=self_compress)."
         ) from exc
 
 

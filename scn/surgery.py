@@ -154,7 +154,7 @@ def _dead_inputs(name: str, inputs, channels: torch.Tensor, block: int):
         raise SurgeryError(
             f"a channel dead in every producer still varies with the input at layer {name!r}; "
             "the traced structure missed a path. Please report this model, and train it "
-            "with surgery off (trainer.prune_every=0) meanwhile."
+            "with surgery off (trainer.prune_every=0 quant=self_compress) meanwhile."
         )
     flat = a.flatten(1)
     spread = (flat - flat[:, :1]).abs().amax(1) if flat.shape[1] else flat.new_zeros(len(flat))

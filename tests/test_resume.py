@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from scn import checkpoint, experiment, report, resume
 from scn.cli import build_experiment
-from scn.errors import FormatError, NumericalError, ScnError
+from scn.errors import ConfigError, FormatError, NumericalError, ScnError
 from scn.sweep import compose_config
 from scn.train import Trainer
 
@@ -139,6 +139,15 @@ def test_a_run_trained_in_paused_slices_ends_as_an_uninterrupted_one(tmp_path, r
 def test_pausing_a_run_without_checkpoints_is_refused(tmp_path):
     with pytest.raises(ScnError, match="pause_after_steps"):
         experiment.run(exp_of("quant=diffq", "trainer.pause_after_steps=5"), tmp_path)
+    assert not tmp_path.joinpath("summary.json").exists()
+
+
+@pytest.mark.parametrize("off", ["trainer.prune_every=0", "trainer.surgery=off"])
+def test_a_charge_without_surgery_is_refused(tmp_path, off):
+    """quant.live_input_grad and quant.flops_charge need the channel graph: without surgery
+    they would silently do nothing."""
+    with pytest.raises(ConfigError, match=r"flops_charge acts through channel surgery.*flops_charge=0"):
+        experiment.run(exp_of("quant.flops_charge=2", off), tmp_path)
     assert not tmp_path.joinpath("summary.json").exists()
 
 
