@@ -207,13 +207,9 @@ def _graph_module(model: nn.Module) -> fx.GraphModule:
 
 
 def _nodes_in(args) -> list[fx.Node]:
-    """Every fx node in (nested lists and tuples of) arguments."""
-    found = []
-    for a in args:
-        if isinstance(a, fx.Node):
-            found.append(a)
-        elif isinstance(a, (list, tuple)):
-            found += _nodes_in(a)
+    """Every fx node in (nested lists, tuples and dicts of) arguments, in order."""
+    found: list[fx.Node] = []
+    fx.node.map_arg(args, found.append)
     return found
 
 
@@ -267,7 +263,7 @@ class _Walk:
             offset += n
 
     def visit(self, node: fx.Node) -> None:
-        tensors = [a for a in _nodes_in(node.args) + _nodes_in(node.kwargs.values()) if a in self.info]
+        tensors = [a for a in _nodes_in(node.args) + _nodes_in(node.kwargs) if a in self.info]
         if node.op == "placeholder":
             self.info[node] = self.fresh(node, protected=True)
         elif node.op == "output":
