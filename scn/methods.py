@@ -59,7 +59,7 @@ class SizeTerm:
 
     def refresh(self, device: torch.device, graph: ChannelGraph | None = None) -> None:
         """After a surgery: the bits no trainable b can change and Q's plan, once per shape
-        (with the channel graph, the live-input charge's too)."""
+        (with the channel graph, the live-input and FLOPs charges' too)."""
         self.fixed = size.fixed_bits(self.model).to(device)
         self.plan = size.size_plan(self.model) if self.learns_bits else None
         if self.plan is not None and graph is not None:
