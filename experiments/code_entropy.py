@@ -68,7 +68,7 @@ def measure(path: str) -> dict[str, float]:
                 seen = 0 if p == 0 else seen
                 zeros.append((min(seen, 3), p == 0))
                 seen += int(s == zero)
-            out["adaptive, zeros before it in the kernel"] += adaptive_bits(u, zeros, 1 << b)
+            out["adaptive, zeros before it in the kernel"] += adaptive_bits(u, zeros, alphabet)
         for b, parts in groups.items():
             out["per layer and bit depth, empirical (scn.entropy)"] += empirical_bits(
                 np.concatenate(parts), 1 << b)

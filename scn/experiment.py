@@ -145,7 +145,7 @@ def _check_charges_have_surgery(exp: Experiment) -> None:
     """The size term's charges read the channel graph, which only a run with surgery traces:
     refuse them there rather than train without them."""
     charges = [f"quant.{k}" for k in ("live_input_grad", "flops_charge") if getattr(exp.scheme, k, 0)]
-    if charges and (not exp.trainer.prune_every or exp.trainer.surgery == "off"):
+    if charges and not exp.trainer.does_surgery:
         verb = "acts" if len(charges) == 1 else "act"
         raise ConfigError(f"{' and '.join(charges)} {verb} through channel surgery's graph, which this "
                           f"run does not build (trainer.prune_every={exp.trainer.prune_every}, "

@@ -81,7 +81,7 @@ class SizePlan:
 
     layers: list[SCLayer]  # quantized layers whose b trains
     weight: torch.Tensor  # per output channel: live inputs x kernel size (float64, exact)
-    weight_b: torch.Tensor  # the same in b's dtype (the gradient's factor)
+    weight_b: torch.Tensor  # the gradient's factor: the same in b's dtype, times any FLOPs charge
     round_bits: bool
     scalars: int
     columns: Columns | None = None  # the live-input charge (scn.columns), None when off
@@ -104,7 +104,7 @@ class SizeInputs:
     """Q's constants between surgeries, in the dtype its integer total is summed in."""
 
     weight: torch.Tensor  # live inputs x kernel per channel
-    weight_b: torch.Tensor  # the same in b's dtype: the gradient's factor
+    weight_b: torch.Tensor  # the gradient's factor (SizePlan.weight_b)
     fixed: torch.Tensor  # bits no trainable b changes
     scalars: int
     columns: Columns | None = None

@@ -101,7 +101,7 @@ class Trainer:
         self.size.fuse = not cfg.compile
         self.scheduler = optim.scheduler(self.optimizer, self.model, self.total_steps, cfg)
         self.graph = None
-        if cfg.surgery != "off" and cfg.prune_every and learn_bits:
+        if cfg.does_surgery and learn_bits:
             self.graph = surgery.trace(self.model, self.data.normalize(self.data.test_x[:1]))
         self.surgery_at = (optim.freeze_step(self.total_steps, cfg.freeze_quant)
                            if cfg.prune_every == "freeze" else None)

@@ -85,6 +85,11 @@ class TrainConfig:
         "stop_shrinking_at": config.Range(0, 100), "budget_bits": config.Range(0, 16),
     }
 
+    @property
+    def does_surgery(self) -> bool:
+        """Whether dead channels are cut (or masked) during training: the channel graph is traced."""
+        return self.surgery != "off" and bool(self.prune_every)
+
     def __post_init__(self) -> None:
         config.validate(self, "trainer", self.LIMITS)
         pick_device(self.device)  # an unknown device, or CUDA where there is none, fails now
