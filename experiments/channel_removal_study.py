@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import bench_cifar10  # noqa: E402
 import harness  # noqa: E402
 
 from scn import format as scn_format  # noqa: E402
@@ -274,8 +275,9 @@ ROWS = [
      ["model.width=32", "quant.live_input_grad=10", "quant.live_input_spread=per_bit",
       "size_loss.gamma=0.03", "trainer.freeze_quant=0.25"]),
 ]
-# The seventh and eighth rounds' rows on CIFAR-10 (JPEG copy): +experiment=cifar10_resnet_cpu, its own
-# settings otherwise (python experiments/channel_removal_study.py dataset.root=DIR --cifar10).
+# The seventh to ninth rounds' rows on CIFAR-10 (JPEG copy): +experiment=cifar10_resnet_cpu as it was
+# then, plain self-compression (bench_cifar10.PLAIN), with each row's overrides on top
+# (python experiments/channel_removal_study.py dataset.root=DIR --cifar10).
 REMOVAL = ["quant=self_compress_removal", "size_loss.gamma=0.012"]
 
 
@@ -360,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.rows is not None and name not in args.rows:
             continue
         if args.cifar10:
-            ov = ["+experiment=cifar10_resnet_cpu", *overrides, *args.overrides]
+            ov = ["+experiment=cifar10_resnet_cpu", *merged(bench_cifar10.PLAIN, overrides, args.overrides)]
         else:
             plain = "quant=none" in overrides or "quant=fixed" in overrides  # no charge to set
             before = [o for o in BEFORE if not (o.startswith("quant.") and plain)]

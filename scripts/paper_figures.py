@@ -38,8 +38,8 @@ FMNIST_POINTS = {  # run name -> overrides; names shared with bench_pareto.py
        for g in (0.02, 0.05, 0.1, 0.2, 0.4)},
     "removal_recipe": bench_pareto.REMOVAL_RECIPE,
 }
-CIFAR_POINTS = {"none": ["quant=none"], "self_compress": ["quant=self_compress"],
-                "self_compress_removal": bench_cifar10.REMOVAL}
+CIFAR_POINTS = {"none": [*bench_cifar10.PLAIN, "quant=none"], "self_compress": bench_cifar10.PLAIN,
+                "self_compress_removal": [*bench_cifar10.PLAIN, *bench_cifar10.REMOVAL]}
 
 
 def run_all(runs: Path, experiment: str, points: dict[str, list[str]], extra: list[str]) -> list[dict]:

@@ -6,11 +6,9 @@ from pathlib import Path
 import pytest
 from conftest import CONFIGS, ROOT
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from scn.cli import build_experiment
 from scn.errors import ConfigError, DataError
-from scn.experiment import config_hash
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 GROUPS = {g: sorted(p.stem for p in (CONFIGS / g).glob("*.yaml"))
@@ -76,17 +74,32 @@ def test_experiment_builds_with_every_scheme(name, quant):
     assert exp.trainer.max_epochs > 0
 
 
-def test_the_cifar10_cpu_removal_experiment_is_the_benchmarks_method():
-    # scripts/bench_cifar10.py trains the recipe as overrides of cifar10_resnet_cpu: the same run
+def _bench_cifar10():
     spec = importlib.util.spec_from_file_location("bench_cifar10", ROOT / "scripts" / "bench_cifar10.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    experiment = cfg("+experiment=cifar10_resnet_cpu_removal")
-    method = cfg("+experiment=cifar10_resnet_cpu", *bench.BUDGET)
-    assert config_hash(OmegaConf.to_container(experiment, resolve=True)) == \
-        config_hash(OmegaConf.to_container(method, resolve=True))
-    exp = build_experiment(cfg("+experiment=cifar10_resnet_cpu_removal", "dataset=synthetic"))
+    return bench
+
+
+@pytest.mark.parametrize("experiment", ["cifar10_resnet", "cifar10_resnet_cpu"])
+def test_the_cifar10_experiments_carry_the_removal_recipe(experiment):
+    # the ninth round's recipe: charged columns, survivors at 5 bits or more, half the weights
+    exp = build_experiment(cfg(f"+experiment={experiment}", "dataset=synthetic"))
     assert exp.trainer.stop_shrinking_at == 50 and exp.scheme.min_bits == 5
+    assert exp.scheme.live_input_grad == 7 and exp.scheme.exponent_refit
+    assert exp.schedule.gamma == 0.012
+
+
+def test_the_cifar10_benchmark_keeps_plain_self_compression_beside_the_recipe():
+    bench = _bench_cifar10()
+    assert bench.METHODS["self_compress_removal_budget"] == []  # the experiment itself
+    plain = build_experiment(cfg("+experiment=cifar10_resnet_cpu", "dataset=synthetic",
+                                 *bench.METHODS["self_compress"]))
+    assert plain.scheme.live_input_grad == 0 and plain.scheme.min_bits == 1
+    assert plain.trainer.stop_shrinking_at == 0 and plain.schedule.gamma == 0.05
+    # every other method starts from plain self-compression: its runs are the earlier rounds'
+    for method, overrides in bench.METHODS.items():
+        assert not overrides or overrides[:len(bench.PLAIN)] == bench.PLAIN, method
 
 
 def test_the_paper_regime_experiment_is_the_studys_recipe():
