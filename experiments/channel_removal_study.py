@@ -52,6 +52,15 @@ PAPER = ["model.width=32", *RECIPE, "quant.min_bits=2", "trainer.stop_shrinking_
          "trainer.budget_bits=2", "trainer.prune_every=50"]
 
 
+def shape(channels: list[int], seed: int = 0) -> tuple[str, str, list[str]]:
+    """A float CNN from scratch at `channels`: what a shape of the twelfth round is worth as float."""
+    name = "_".join(map(str, channels)) + (f"_seed{seed}" if seed else "")
+    return (f"w32_float_shape_{name}", f"float32, width 32, from scratch at the channels {channels}"
+            + (f", seed {seed}" if seed else ""),
+            ["model.width=32", "quant=none", f"+model.channels=[{','.join(map(str, channels))}]",
+             *([f"seed={seed}"] if seed else [])])
+
+
 def flops(strength: str, suffix: str = "", *more: str) -> tuple[str, str, list[str]]:
     """The eleventh round's row: the paper regime's recipe, the FLOPs charge at `strength`, and
     `more` overrides (replacing the recipe's value of a key)."""
@@ -268,6 +277,11 @@ ROWS = [
     flops("4", "_check10", "trainer.prune_every=10"),
     flops("4", "_seed1", "seed=1"),
     flops("4", "_check10_stop30", "trainer.prune_every=10", "trainer.stop_shrinking_at=30"),
+    *[shape(c) for c in ([16, 48, 40, 32], [24, 48, 40, 32], [24, 40, 48, 32])],
+    shape([24, 48, 40, 32], seed=1),
+    flops("12", "_check10", "trainer.prune_every=10"),
+    ("w32_paper_lig4_check10", "the paper regime's recipe, column charge x4, checked every 10 steps",
+     merged(PAPER, ["quant.live_input_grad=4", "trainer.prune_every=10"])),
     ("w32_lig3_perbit_g0.03", "width 32, per-bit charge x3, gamma 0.03",
      ["model.width=32", "quant.live_input_grad=3", "quant.live_input_spread=per_bit",
       "size_loss.gamma=0.03"]),
