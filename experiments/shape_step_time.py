@@ -38,8 +38,9 @@ def main() -> None:
             t.append(Trainer(net, data, CONFIG, Constant(gamma=0.0), learn_bits=False).run().step_time_s)
     full = statistics.median(times[0])
     for shape, t in zip(shapes, times, strict=True):
-        print(f"{str(tuple(shape)):18s} {statistics.median(t) * 1e3:6.1f} ms a step "
-              f"({statistics.median(t) / full:.2f}x width 32; turns {min(t) * 1e3:.0f}-{max(t) * 1e3:.0f} ms)")
+        step = statistics.median(t)
+        print(f"{str(tuple(shape)):18s} {step * 1e3:6.1f} ms a step ({step / full:.2f}x width 32; "
+              f"turns {min(t) * 1e3:.0f}-{max(t) * 1e3:.0f} ms)")
 
 
 if __name__ == "__main__":
