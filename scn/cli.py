@@ -177,6 +177,8 @@ def train_main(cfg: DictConfig) -> float | None:
         return fail(str(exc))
     try:
         return _train(cfg, group)
+    except ScnError as exc:  # e.g. under torchrun, the rank this one waited for had already stopped
+        return fail(str(exc))
     finally:
         distributed.stop()
 

@@ -123,3 +123,25 @@ def test_ranks_that_disagree_on_bit_depths_stop_with_a_clear_error(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert proc.stdout.count("the ranks disagree on the bit depths") == 2, proc.stdout
+
+
+def test_a_rank_whose_peer_already_stopped_says_so_without_a_traceback(monkeypatch, capsys):
+    # a rank still waiting in a collective (the run folder's broadcast) when the rank it waits for
+    # has failed gets the clean one-paragraph error, as every other ScnError does
+    from scn import cli, distributed
+
+    def closed():
+        raise RuntimeError("Connection closed by peer")
+
+    def peer_gone(cfg, group):
+        distributed._collective(closed)
+
+    stopped = []
+    monkeypatch.setattr(cli.distributed, "start", lambda device_type: distributed.Group(1, 2, 1))
+    monkeypatch.setattr(cli.distributed, "stop", lambda: stopped.append(True))
+    monkeypatch.setattr(cli, "_train", peer_gone)
+    with pytest.raises(SystemExit) as exit_:
+        cli.train_main.__wrapped__({"trainer": {"device": "cpu"}})
+    assert exit_.value.code == 2 and stopped == [True]
+    err = capsys.readouterr().err
+    assert "scn: error: another rank stopped or cannot be reached (Connection closed by peer)" in err
