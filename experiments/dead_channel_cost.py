@@ -46,21 +46,28 @@ def widths(model: torch.nn.Module) -> list[tuple[int, int]]:
     return [(m.weight.shape[0], int(m.live_out().sum())) for _, m in sc_layers(model)][:-1]
 
 
+def step_times(nets: dict[str, tuple[torch.nn.Module, bool]], turns: int = 4) -> dict[str, list[float]]:
+    """Each network's median training step (seconds) in each of `turns` turns of 30 steps on
+    synthetic data of Fashion-MNIST's shape; (network, learns its bits) by name. The networks take
+    turns, so that their ratios share the machine's state."""
+    data = synthetic(num_train=128 * 40, num_test=256, num_classes=10)
+    times: dict[str, list[float]] = {name: [] for name in nets}
+    for _ in range(turns):
+        for name, (net, learns) in nets.items():
+            trainer = Trainer(net, data, CONFIG, Constant(gamma=0.0), learn_bits=learns)
+            times[name].append(trainer.run().step_time_s)
+    return times
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dir", help="a finished Fashion-MNIST run of the small CNN (its checkpoint/)")
     trained = resume.build_model(resume.load(resume.path_in(p.parse_args().run_dir)))
     cut = cut_copy(trained)
     print(f"computed/live channels: as trained {widths(trained)}, cut {widths(cut)}")
-    data = synthetic(num_train=128 * 40, num_test=256, num_classes=10)
     float_w32 = quantize_(build("SmallCNN", in_channels=1, num_classes=10, width=32), Float())
     nets = {"as trained": (trained, True), "dead cut": (cut, True), "float w32": (float_w32, False)}
-    times: dict[str, list[float]] = {name: [] for name in nets}
-    for _ in range(4):
-        for name, (net, learns) in nets.items():
-            trainer = Trainer(net, data, CONFIG, Constant(gamma=0.0), learn_bits=learns)
-            times[name].append(trainer.run().step_time_s)
-    median = {name: statistics.median(t) for name, t in times.items()}
+    median = {name: statistics.median(t) for name, t in step_times(nets).items()}
     for name, t in median.items():
         print(f"{name:10s} {t * 1e3:6.1f} ms a step ({t / median['float w32']:.2f}x float, "
               f"{t / median['as trained']:.2f}x as trained)")
