@@ -172,15 +172,11 @@ def train_main(cfg: DictConfig) -> float | None:
     """scn-train: compose dataset, model, quant, size_loss and trainer; train; write the run.
     Under torchrun, every rank runs this; rank 0 writes the run folder (scn.distributed)."""
     try:
-        group = distributed.start(_device_type(cfg))
-    except ScnError as exc:
-        return fail(str(exc))
-    try:
-        return _train(cfg, group)
-    except ScnError as exc:  # e.g. under torchrun, the rank this one waited for had already stopped
+        return _train(cfg, distributed.start(_device_type(cfg)))
+    except ScnError as exc:  # also under torchrun: a rank that cannot join, or whose peer stopped
         return fail(str(exc))
     finally:
-        distributed.stop()
+        distributed.stop()  # nothing to leave when start failed
 
 
 def _device_type(cfg: DictConfig) -> str:

@@ -1,10 +1,9 @@
 """Every config composes, and bad configs fail early with a clear message."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
-from conftest import CONFIGS, ROOT
+from conftest import CONFIGS
 from hydra import compose, initialize_config_dir
 
 from scn.cli import build_experiment
@@ -74,13 +73,6 @@ def test_experiment_builds_with_every_scheme(name, quant):
     assert exp.trainer.max_epochs > 0
 
 
-def _bench_cifar10():
-    spec = importlib.util.spec_from_file_location("bench_cifar10", ROOT / "scripts" / "bench_cifar10.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
 @pytest.mark.parametrize("experiment", ["cifar10_resnet", "cifar10_resnet_cpu"])
 def test_the_cifar10_experiments_carry_the_removal_recipe(experiment):
     # the ninth round's recipe: charged columns, survivors at 5 bits or more, half the weights
@@ -91,7 +83,8 @@ def test_the_cifar10_experiments_carry_the_removal_recipe(experiment):
 
 
 def test_the_cifar10_benchmark_keeps_plain_self_compression_beside_the_recipe():
-    bench = _bench_cifar10()
+    import bench_cifar10 as bench  # scripts/ is on the path (conftest)
+
     assert bench.METHODS["self_compress_removal_budget"] == []  # the experiment itself
     plain = build_experiment(cfg("+experiment=cifar10_resnet_cpu", "dataset=synthetic",
                                  *bench.METHODS["self_compress"]))
