@@ -50,6 +50,8 @@ def merged(*lists: list[str]) -> list[str]:
 # The benchmark's recipe (+experiment=fashion_mnist_paper_regime) as overrides on fashion_mnist_bench.
 PAPER = ["model.width=32", *RECIPE, "quant.min_bits=2", "trainer.stop_shrinking_at=25",
          "trainer.budget_bits=2", "trainer.prune_every=50"]
+# The benchmark's recipe since the thirteenth round, resolved as that experiment resolves it.
+PAPER48 = merged(PAPER, ["model.width=48", "size_loss.final=0.0"])
 
 
 def shape(channels: list[int], seed: int = 0) -> tuple[str, str, list[str]]:
@@ -282,6 +284,12 @@ ROWS = [
     flops("12", "_check10", "trainer.prune_every=10"),
     ("w32_paper_lig4_check10", "the paper regime's recipe, column charge x4, checked every 10 steps",
      merged(PAPER, ["quant.live_input_grad=4", "trainer.prune_every=10"])),
+    ("w48_paper_stop30", "the paper regime's recipe at width 48, budget 30%",
+     merged(PAPER48, ["trainer.stop_shrinking_at=30"])),
+    ("w48_paper_seed1", "the paper regime's recipe at width 48, seed 1", merged(PAPER48, ["seed=1"])),
+    ("w48_float_seed1", "float32, width 48, seed 1", ["model.width=48", "quant=none", "seed=1"]),
+    ("w48_float_arch", "float32 from scratch at the channels the width-48 recipe ended with",
+     ["model.width=48", "quant=none", "+model.channels=[37,74,27,38]"]),
     ("w32_lig3_perbit_g0.03", "width 32, per-bit charge x3, gamma 0.03",
      ["model.width=32", "quant.live_input_grad=3", "quant.live_input_spread=per_bit",
       "size_loss.gamma=0.03"]),
