@@ -96,9 +96,9 @@ def test_the_cifar10_benchmark_keeps_plain_self_compression_beside_the_recipe():
 
 
 def test_the_paper_regime_experiment_is_the_studys_recipe():
-    # the tenth round's row, as bench_paper_regime.py trains it
+    # the tenth round's recipe at the thirteenth round's width, as bench_paper_regime.py trains it
     exp = build_experiment(cfg("+experiment=fashion_mnist_paper_regime", "dataset=synthetic"))
     assert (exp.trainer.stop_shrinking_at, exp.trainer.budget_bits, exp.trainer.prune_every) == (25, 2, 50)
     assert exp.scheme.min_bits == 2 and exp.scheme.live_input_grad == 1
     assert exp.scheme.live_input_spread == "per_bit" and exp.trainer.lr_quant == 0.02
-    assert exp.model.keywords["width"] == 32 and exp.schedule.gamma == 0.3
+    assert exp.model.keywords["width"] == 48 and exp.schedule.gamma == 0.3
