@@ -21,8 +21,8 @@ import matplotlib.pyplot as plt
 
 # The recipe's point: Fashion-MNIST's removal experiment at width 48 with a size budget and a
 # 2-bit floor (the study's tenth and thirteenth rounds; width 16 is capacity-bound at these sizes,
-# width 32 slower and less accurate at them); on CIFAR-10
-# the full recipe, shrinking to half its weights (the CPU recipe's levers, not yet run at width 64).
+# width 32's benchmark run was slower); on CIFAR-10 the full recipe, shrinking to half its weights
+# (the CPU recipe's levers, not yet run at width 64).
 EXPERIMENTS = {"fashion_mnist": "+experiment=fashion_mnist_paper_regime",
                "cifar10": "+experiment=cifar10_resnet"}
 METHODS = {dataset: {"none": ["quant=none"], "self_compress": []} for dataset in EXPERIMENTS}
