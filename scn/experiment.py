@@ -129,7 +129,9 @@ _HASH_NEUTRAL = {("trainer", "channel_multiple"): 1, ("trainer", "recalibrate_bn
                  ("trainer", "sync_norms"): False, ("model", "init_from"): None,
                  ("trainer", "quant_lr_schedule"): "cosine", ("quant", "min_bits"): 1,
                  ("quant", "exponent_refit"): False, ("quant", "flops_charge"): 0.0,
-                 ("trainer", "stop_shrinking_at"): 0.0, ("trainer", "budget_bits"): 0}
+                 ("quant", "channel_price"): "bits",
+                 ("trainer", "stop_shrinking_at"): 0.0, ("trainer", "budget_bits"): 0,
+                 ("trainer", "hold_bits"): False}
 
 
 def _hashed(config: dict | None) -> dict:

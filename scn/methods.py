@@ -32,6 +32,7 @@ __all__ = ["FixedBits", "Float", "Method", "Scheme", "SelfCompress", "SizeTerm",
 
 REGISTRY: dict[str, type[Method]] = {}
 PLUGINS = {"diffq": "scn.diffq_baseline"}  # kind -> module that registers it (optional extras)
+PRICES = ("bits", "uniform")  # SelfCompress.channel_price
 # A file header's `scheme` keeps these keys for every method, so files stay as they were.
 _HEADER_DEFAULTS = {"kind": None, "init_bits": 8.0, "round_bits": True, "quantize_first": True,
                     "quantize_last": True, "group_size": 8}
@@ -46,12 +47,14 @@ class SizeTerm:
     None when nothing trains the size) and the size report."""
 
     def __init__(self, model: nn.Module, learns_bits: bool, live_input_grad: float = 0.0,
-                 live_input_spread: str = "flat", flops_charge: float = 0.0) -> None:
+                 live_input_spread: str = "flat", flops_charge: float = 0.0,
+                 channel_price: str = "bits") -> None:
         self.model = model
         self.learns_bits = learns_bits
         self.live_input_grad = live_input_grad  # scn.columns' charge: its weight and spread
         self.live_input_spread = live_input_spread
         self.flops_charge = flops_charge  # scn.flops_charge's strength (0: off)
+        self.channel_price = channel_price  # SelfCompress.channel_price
         self.fixed = torch.zeros((), dtype=torch.float64)
         self.plan: size.SizePlan | None = None
         self.fused_inputs = None
@@ -62,6 +65,8 @@ class SizeTerm:
         (with the channel graph, the live-input and FLOPs charges' too)."""
         self.fixed = size.fixed_bits(self.model).to(device)
         self.plan = size.size_plan(self.model) if self.learns_bits else None
+        if self.plan is not None:
+            self.plan.uniform_price = self.channel_price == "uniform"
         if self.plan is not None and graph is not None:
             charges = (flops_charge.layer_charges(graph, self.flops_charge)
                        if self.flops_charge else None)
@@ -173,6 +178,10 @@ class SelfCompress(Quantized):
     # Scale the size term's gradient by each layer's uses per example (scn/flops_charge.py), so
     # that channels die where the FLOPs are; 0: off, Q's gradient as the paper has it.
     flops_charge: float = 0.0
+    # How Q's pull on b is shared among channels: "bits" as Q's gradient has it (a channel pays
+    # its weights and columns); "uniform": every live channel gets the mean of those, so the
+    # task loss alone decides which channels die (docs/study/channel_removal.md, 14th round).
+    channel_price: str = "bits"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -188,13 +197,16 @@ class SelfCompress(Quantized):
         if not self.flops_charge >= 0:
             raise ConfigError(f"quant.flops_charge={self.flops_charge} is invalid: it weighs a "
                               "gradient and must be >= 0 (0 = off).")
+        if self.channel_price not in PRICES:
+            raise ConfigError(f"quant.channel_price={self.channel_price!r} is invalid; "
+                              f"valid choices are {', '.join(PRICES)}.")
         if self.live_input_spread not in SPREADS:
             raise ConfigError(f"quant.live_input_spread={self.live_input_spread!r} is invalid; "
                               f"valid choices are {', '.join(SPREADS)}.")
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> SizeTerm:
         return SizeTerm(model, self.learns_bits, self.live_input_grad, self.live_input_spread,
-                        self.flops_charge)
+                        self.flops_charge, self.channel_price)
 
 
 @register

@@ -159,6 +159,13 @@ def settle_at_budget(optimizer: torch.optim.Optimizer, model: nn.Module, bits: i
             layer.refine_bits(bits)
 
 
+def drop_bit_grads(model: nn.Module) -> None:
+    """Hold every bit depth (trainer.hold_bits): without a gradient AdamW leaves b and its
+    state as they are, while the exponents in the same group go on learning."""
+    for _, layer in sc_layers(model):
+        layer.b.grad = None
+
+
 def load_state(opt: torch.optim.Optimizer, model: nn.Module, t: dict[str, torch.Tensor]) -> None:
     """AdamW's per-parameter state from a training state's `optim/<parameter>/<slot>` tensors,
     matched to the parameters by name (so it maps onto a rebuilt, shrunk model)."""

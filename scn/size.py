@@ -86,6 +86,7 @@ class SizePlan:
     scalars: int
     columns: Columns | None = None  # the live-input charge (scn.columns), None when off
     min_bits: int = 1  # the fewest bits a live channel is stored with
+    uniform_price: bool = False  # quant.channel_price=uniform: every live channel the mean pull
 
 
 def size_plan(model: nn.Module) -> SizePlan | None:
@@ -108,13 +109,18 @@ class SizeInputs:
     fixed: torch.Tensor  # bits no trainable b changes
     scalars: int
     columns: Columns | None = None
+    uniform_price: bool = False
 
     def gradient_factor(self, stored: torch.Tensor) -> torch.Tensor:
         """dQ/db per channel, times the number of scalars: its own weights (and, with the
-        live-input charge, the input columns it keeps alive)."""
-        if self.columns is None:
-            return self.weight_b
-        return self.weight_b + self.columns.factor(stored)
+        live-input charge, the input columns it keeps alive); with a uniform price, the mean of
+        that over the live channels, for every channel."""
+        factor = self.weight_b if self.columns is None else self.weight_b + self.columns.factor(stored)
+        if not self.uniform_price:
+            return factor
+        live = (stored > 0).to(factor.dtype)
+        mean = (factor * live).sum() / live.sum().clamp(min=1)
+        return mean.expand_as(factor)
 
 
 def q_of_stored(stored: torch.Tensor, inputs: SizeInputs, dtype: torch.dtype) -> torch.Tensor:
@@ -136,7 +142,7 @@ class _SizeLoss(torch.autograd.Function):
         ctx.inside = (stored > 0) & (stored < MAX_BITS)  # where the clamp passes a gradient
         ctx.plan = plan
         inputs = SizeInputs(plan.weight, plan.weight_b, fixed.to(b.device, torch.float64), plan.scalars,
-                            plan.columns)
+                            plan.columns, plan.uniform_price)
         ctx.factor = inputs.gradient_factor(clamped)
         return q_of_stored(clamped, inputs, b.dtype)
 
@@ -155,7 +161,7 @@ def fused_inputs(plan: SizePlan, fixed: torch.Tensor) -> SizeInputs:
     exact = float(plan.weight.sum()) * MAX_BITS + float(fixed) <= limit
     dtype = dtype if exact else torch.float64
     return SizeInputs(plan.weight.to(dtype), plan.weight_b, fixed.to(dtype), plan.scalars,
-                      plan.columns)
+                      plan.columns, plan.uniform_price)
 
 
 def size_loss(model: nn.Module, fixed: torch.Tensor | None = None,

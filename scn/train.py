@@ -116,7 +116,7 @@ class Trainer:
         self.elapsed_s = 0.0  # wall time spent on this run so far (by earlier processes too)
         self.other_s = 0.0  # of which evaluation and surgery: excluded from the step time
         self.forward_compiled = False
-        self.shrunk_to_target = False  # trainer.stop_shrinking_at reached: gamma is 0 from then on
+        self.shrunk_to_target = False  # stop_shrinking_at reached: gamma 0 (and b held) from then on
         self._refresh()
 
     # ---------------------------------------------------------------------------- the loop
@@ -279,6 +279,8 @@ class Trainer:
         loss = task if q is None else task + gamma * q
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.shrunk_to_target and self.cfg.hold_bits:  # b held at the budget: no step for it
+            optim.drop_bit_grads(self.model)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
@@ -352,8 +354,7 @@ class Trainer:
             "scheduler": {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
             "pending": [{k: float(v) for k, v in row.items()} for row in self.pending],
             "history": self.result.history, "surgeries": self.result.surgeries,
-            "elapsed_s": self.elapsed_s, "other_s": self.other_s,
-            "compile_s": self.result.compile_time_s,
+            "elapsed_s": self.elapsed_s, "other_s": self.other_s, "compile_s": self.result.compile_time_s,
         }
         return {"tensors": {k: v.detach() for k, v in tensors.items()}, "meta": meta}
 

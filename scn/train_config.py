@@ -39,6 +39,9 @@ class TrainConfig:
     # grid refined (scn.quant.SCLayer.refine_bits): the bits the network no longer spends on
     # channels go to the survivors' precision. 0 = they keep their bits.
     budget_bits: int = 0
+    # At that budget, hold every bit depth where it is (b's gradient dropped): no channel dies or
+    # gains bits after it, so the run ends at the budget's size and bits; e and weights train on.
+    hold_bits: bool = False
     # -- surgery
     surgery: str = "physical"  # physical: remove dead channels; masked: only mask them; off
     # Steps between surgeries; 0 = no surgery (as surgery=off); "freeze" = one surgery, at the
@@ -97,6 +100,10 @@ class TrainConfig:
             raise config.invalid("trainer.budget_bits", self.budget_bits,
                                  "0 unless trainer.stop_shrinking_at sets the size budget at "
                                  "which the survivors' bits are raised")
+        if self.hold_bits and not self.stop_shrinking_at:
+            raise config.invalid("trainer.hold_bits", self.hold_bits,
+                                 "false unless trainer.stop_shrinking_at sets the size budget at "
+                                 "which the bit depths are held")
         if self.prune_every == "freeze" and not self.freeze_quant:
             raise config.invalid("trainer.prune_every", self.prune_every,
                                  "an integer >= 0 unless trainer.freeze_quant > 0 (\"freeze\" "

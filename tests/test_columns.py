@@ -1,12 +1,15 @@
 """The live-input charge (scn/columns.py): Q's value stays the file's size, and its gradient is
 the derivative of the paper's Q with the live-input counts made straight-through functions of
-the producers' bit depths, written out layer by layer here."""
+the producers' bit depths, written out layer by layer here. Then quant.channel_price=uniform:
+every live channel gets the mean of that pull, so the total is unchanged."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from scn import fused, size, surgery
+from scn.errors import ConfigError
+from scn.experiment import _hashed
 from scn.methods import SelfCompress, quantize_
 from scn.models import build
 from scn.quant import round_ste, sc_layers
@@ -148,10 +151,42 @@ def test_a_charged_run_keeps_its_charge_through_surgery():
 def test_the_flops_charge_is_validated_and_neutral_in_the_config_hash():
     """A negative charge is refused; at 0 it is left out of the run's hash (runs made before
     it existed keep theirs)."""
-    from scn.errors import ConfigError
-    from scn.experiment import _hashed
-
     with pytest.raises(ConfigError, match="quant.flops_charge"):
         SelfCompress(flops_charge=-1.0)
     assert _hashed({"quant": {"flops_charge": 0.0}}) == _hashed({"quant": {}})
     assert _hashed({"quant": {"flops_charge": 4.0}}) != _hashed({"quant": {}})
+
+
+def q_and_grad(model, graph, price: str, fuse: bool) -> tuple[float, torch.Tensor]:
+    model.scn_scheme.channel_price = price
+    term = model.scn_scheme.attach(model, None)
+    term.fuse = fuse
+    term.refresh(torch.device("cpu"), graph)
+    model.zero_grad(set_to_none=True)
+    q = term.term()
+    fused.after_forward(model, None, None)
+    q.backward()
+    return q.item(), torch.cat([m.b.grad for _, m in sc_layers(model)])
+
+
+@pytest.mark.parametrize("name", ["SmallCNN", "ResNet9"])
+@pytest.mark.parametrize("fuse", [True, False])
+def test_a_uniform_price_shares_the_pull_of_q_equally(name, fuse):
+    model, x = converted(name, spread="per_bit")
+    graph = surgery.trace(model, x)
+    q_bits, by_bits = q_and_grad(model, graph, "bits", fuse)
+    q_uniform, uniform = q_and_grad(model, graph, "uniform", fuse)
+    live = torch.cat([m.live_out() for _, m in sc_layers(model)])
+    assert q_uniform == q_bits == pytest.approx(size.report(model).bits_per_weight, rel=1e-6)
+    assert not by_bits[live].eq(by_bits[live][0]).all()  # Q's own pull differs among channels
+    assert torch.allclose(uniform[live], by_bits[live].mean().expand(int(live.sum())), rtol=1e-5)
+    assert not uniform[~live].any()  # dead channels stay dead
+
+
+def test_the_price_is_validated_and_neutral_in_the_config_hash():
+    """An unknown price is refused with the choices; "bits" (Q's gradient) is left out of the
+    run's hash, so runs made before the option keep theirs."""
+    with pytest.raises(ConfigError, match="quant.channel_price='flops'.*bits, uniform"):
+        SelfCompress(channel_price="flops")
+    assert _hashed({"quant": {"channel_price": "bits"}}) == _hashed({"quant": {}})
+    assert _hashed({"quant": {"channel_price": "uniform"}}) != _hashed({"quant": {}})

@@ -474,7 +474,8 @@ def test_every_file_scn_writes_goes_through_scn_io():
 
 
 @pytest.mark.parametrize("budget", [("trainer.stop_shrinking_at=80",),
-                                    ("trainer.stop_shrinking_at=80", "trainer.budget_bits=4")])
+                                    ("trainer.stop_shrinking_at=80", "trainer.budget_bits=4"),
+                                    ("trainer.stop_shrinking_at=80", "trainer.hold_bits=true")])
 def test_a_resumed_run_keeps_its_size_budget(tmp_path, monkeypatch, reference, budget):
     """trainer.stop_shrinking_at is read off the model: a run resumed from a checkpoint taken
     after the budget was reached keeps gamma at 0 and ends exactly as the uninterrupted run

@@ -193,6 +193,33 @@ def test_budget_bits_raise_the_survivors_where_the_budget_is_reached():
         TrainConfig(budget_bits=3)
 
 
+def test_hold_bits_keeps_every_bit_depth_from_the_budget_on():
+    """trainer.hold_bits: from the surgery that reaches the budget, every b stays where it was
+    (the task loss moves them without it), while the exponents go on learning; it needs a budget."""
+    def run(hold):
+        m = model(bits=4)
+        cfg = TrainConfig(max_epochs=20, max_steps=40, batch_size=64, lr_quant=0.3, prune_every=5,
+                          eval_every=5, stop_shrinking_at=99, hold_bits=hold, progress=False)
+        seen = {}
+
+        class Watch(Reporter):
+            def evaluated(self, row):
+                layers = [layer for _, layer in sc_layers(m) if layer.quantized]
+                seen[row["step"]] = [torch.cat([getattr(x, k).detach().clone() for x in layers])
+                                     for k in ("b", "e")]
+
+        result = train(m, synthetic(), cfg, Constant(gamma=2.0), reporter=Watch())
+        reached = next(r["step"] for r in result.history if r["weights_left_pct"] <= 99)
+        return seen[reached], seen[result.history[-1]["step"]]
+
+    (b0, e0), (b1, e1) = run(True)
+    assert torch.equal(b0, b1) and not torch.equal(e0, e1)
+    (b0, _), (b1, _) = run(False)
+    assert not torch.equal(b0, b1)
+    with pytest.raises(ConfigError, match="hold_bits"):
+        TrainConfig(hold_bits=True)
+
+
 def test_freeze_quant_must_be_a_fraction_below_one():
     for bad in (-0.1, 1.0):
         with pytest.raises(ConfigError, match="freeze_quant"):
